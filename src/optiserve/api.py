@@ -1,0 +1,95 @@
+"""The Python API. The CLI and the REST API are thin faces over these functions."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from optiserve.bench.latency import benchmark_runtime, seed_json
+from optiserve.convert.detect import EXTENSIONS, import_file, import_object
+from optiserve.convert.torch import example_arrays
+from optiserve.core.errors import ConfigError
+from optiserve.data.binding import bind
+from optiserve.data.sources import DatasetSpec, read
+from optiserve.optimize.pipeline import Progress
+from optiserve.optimize.pipeline import optimize as _optimize
+from optiserve.optimize.report import OptimizationResult
+from optiserve.optimize.request import OptimizeRequest
+from optiserve.registry.registry import Registry, VersionInfo, check_model_name
+from optiserve.runtimes.base import load_runtime
+
+
+def register(name: str, model: Any, *, registry: Registry | None = None,
+             example_inputs: Any = None, inputs: list[str] | None = None) -> VersionInfo:
+    """Register a model file (path) or object (estimator, nn.Module, ...) as a new version.
+
+    `example_inputs` is needed for an nn.Module (it is traced); `inputs` ('name:dtype[dims]')
+    for a TorchScript file, which does not record its input shapes.
+    """
+    registry = registry or Registry()
+    check_model_name(name)
+    with tempfile.TemporaryDirectory(prefix="optiserve-register-") as tmp:
+        if isinstance(model, (str, Path)):
+            imported = import_file(model, input_specs=inputs)
+        else:
+            imported = import_object(model, Path(tmp), example_inputs=example_inputs)
+        stored = Path(tmp) / f"model{EXTENSIONS[imported.format]}"
+        if imported.path != stored:
+            stored.write_bytes(Path(imported.path).read_bytes())
+        return registry.add_version(name, stored, framework=imported.framework,
+                                    format=imported.format, signature=imported.signature,
+                                    meta=imported.meta)
+
+
+def parse_request(body: dict[str, Any] | OptimizeRequest) -> OptimizeRequest:
+    """Validate an optimize request; pydantic errors become one readable ConfigError."""
+    if isinstance(body, OptimizeRequest):
+        return body
+    try:
+        return OptimizeRequest.model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err.get("loc", ())) or "request"
+        raise ConfigError(f"Request field '{where}' is invalid: {err.get('msg')}.",
+                          hint="See `optiserve optimize --help` for the fields.") from None
+
+
+def optimize(model_id: str | None = None, *, registry: Registry | None = None,
+             progress: Progress | None = None, request: dict | OptimizeRequest | None = None,
+             **fields: Any) -> OptimizationResult:
+    """Optimize a registered model. Takes the seed's request fields as keywords
+    (optimizations, quantization_config, validation_dataset, accuracy_threshold, ...)."""
+    body = request if request is not None else {"model_id": model_id, **fields}
+    return _optimize(registry or Registry(), parse_request(body), progress)
+
+
+def benchmark(model_id: str, *, batch_sizes: list[int] = (1, 16, 32, 64),
+              iterations: int = 1000, warmup: int = 100, registry: Registry | None = None,
+              dataset: DatasetSpec | dict | None = None, max_seconds: float | None = None,
+              progress=None) -> dict[str, Any]:
+    """Latency of a registered version in its own runtime, in the seed's benchmark shape."""
+    registry = registry or Registry()
+    if any(b < 1 for b in batch_sizes) or not batch_sizes:
+        raise ConfigError(f"Batch sizes {list(batch_sizes)} must be positive integers.")
+    version = registry.resolve(model_id)
+    if dataset is not None:
+        spec = dataset if isinstance(dataset, DatasetSpec) else DatasetSpec(**dataset)
+        data = bind(read(spec, registry.settings), version.signature,
+                    label_column=spec.label_column,
+                    feature_names=version.meta.get("feature_names"))
+        take = data.take
+    else:
+        take = lambda bs: example_arrays(version.signature.inputs, batch=bs)  # noqa: E731
+    runtime = load_runtime(registry.path(version), version.signature, format=version.format,
+                           threads=registry.settings.threads)
+    with runtime:
+        outputs = ["label"] if any(o.name == "label" for o in version.signature.outputs) else None
+        results = benchmark_runtime(runtime, take, list(batch_sizes), warmup=warmup,
+                                    iterations=iterations, max_seconds=max_seconds,
+                                    outputs=outputs, progress=progress)
+    return {"model_id": version.model, "version": version.version, "format": version.format,
+            "runtime": runtime.name, "threads": registry.settings.threads,
+            **seed_json(results, iterations=iterations, warmup=warmup)}

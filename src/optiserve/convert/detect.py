@@ -1,0 +1,106 @@
+"""Decide a model's framework from its bytes (not only its extension) or its Python type.
+
+A pickle is only ever loaded from a path the user named on this machine: pickles run code when
+loaded, so nothing that arrives over a network is unpickled.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from optiserve.core.errors import ModelLoadError
+from optiserve.core.types import Signature
+
+# format -> extension used when storing the artifact
+EXTENSIONS = {"onnx": ".onnx", "pkl": ".pkl", "torchscript": ".pt", "pt2": ".pt2"}
+_FRAMEWORK = {"onnx": "onnx", "pkl": "sklearn", "torchscript": "torch", "pt2": "torch"}
+_EXT_FORMAT = {".onnx": "onnx", ".pkl": "pkl", ".pickle": "pkl", ".joblib": "pkl",
+               ".pt": "torchscript", ".pth": "torchscript", ".jit": "torchscript",
+               ".pt2": "pt2"}
+
+
+@dataclass
+class Imported:
+    """A model ready to store: the file, its format, framework, signature and facts about it."""
+
+    path: Path
+    format: str
+    signature: Signature
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def framework(self) -> str:
+        return _FRAMEWORK[self.format]
+
+
+def sniff(path: Path) -> str:
+    """The format a file's bytes say it is: onnx, pkl, torchscript or pt2."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        raise ModelLoadError(str(path), "the file is empty")
+    if head.startswith(b"PK\x03\x04"):
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+        if any(n.endswith("serialized_exported_program.json") or n.endswith(".json")
+               and "/models/" in n for n in names) or any("archive_format" in n for n in names):
+            return "pt2"
+        if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
+            return "torchscript"
+        raise ModelLoadError(str(path), "it is a zip archive but neither TorchScript nor a "
+                             "torch.export program", hint="Save with torch.jit.save or "
+                             "torch.export.save.")
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pkl"
+    # ONNX is a protobuf: the first field of ModelProto is ir_version (tag 0x08).
+    if head[:1] == b"\x08":
+        return "onnx"
+    raise ModelLoadError(str(path), "its contents are not an ONNX, pickle, TorchScript or "
+                         "torch.export file", hint="Supported: .onnx, .pkl/.joblib (scikit-learn),"
+                         " .pt (TorchScript), .pt2 (torch.export).")
+
+
+def import_file(path: str | Path, *, input_specs: list | None = None) -> Imported:
+    """Identify and open a model file; errors name the file and what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(str(path), "no such file")
+    fmt = sniff(path)
+    claimed = _EXT_FORMAT.get(path.suffix.lower())
+    if claimed is not None and claimed != fmt:
+        raise ModelLoadError(
+            str(path), f"its extension says {claimed} but its contents are {fmt}",
+            hint="Rename the file to match its contents, or re-save it in the format you meant.")
+    if fmt == "onnx":
+        from optiserve.convert.onnx_io import import_onnx
+        return import_onnx(path)
+    if fmt == "pkl":
+        from optiserve.convert.sklearn import import_pickle
+        return import_pickle(path)
+    from optiserve.convert.torch import import_torch_file
+    return import_torch_file(path, fmt, input_specs=input_specs)
+
+
+def import_object(obj: Any, workdir: Path, *, example_inputs: Any = None) -> Imported:
+    """Identify an in-memory model (estimator, nn.Module, ExportedProgram, ModelProto)."""
+    module = type(obj).__module__.split(".")[0]
+    if module == "onnx":
+        from optiserve.convert.onnx_io import import_onnx_proto
+        return import_onnx_proto(obj, workdir)
+    if module in ("sklearn", "imblearn") or (hasattr(obj, "fit") and hasattr(obj, "predict")
+                                             and module not in ("torch",)):
+        from optiserve.convert.sklearn import import_estimator
+        return import_estimator(obj, workdir)
+    if module == "torch" or _is_torch_module(obj):
+        from optiserve.convert.torch import import_torch_object
+        return import_torch_object(obj, workdir, example_inputs=example_inputs)
+    raise ModelLoadError(repr(type(obj)), "this kind of Python object is not a model optiserve "
+                         "knows", hint="Pass a scikit-learn estimator, a torch nn.Module (with "
+                         "example_inputs), an ExportedProgram or an onnx.ModelProto.")
+
+
+def _is_torch_module(obj: Any) -> bool:
+    return any(c.__module__.startswith("torch.nn") for c in type(obj).__mro__)

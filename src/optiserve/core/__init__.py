@@ -1,0 +1,1 @@
+"""Settings, errors, types and optional-dependency helpers. Imports nothing above it."""

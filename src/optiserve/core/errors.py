@@ -1,0 +1,102 @@
+"""One root error; each subclass takes structured arguments and builds a message that says what
+failed, the offending value, and what to do. Faces (CLI, HTTP) map classes to exit codes and
+status codes in one table each."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class OptiserveError(Exception):
+    """Root of every error a user can cause or fix. Never raised for our own bugs."""
+
+    #: HTTP status a face should answer with (the table lives with the face; this is its default).
+    status = 400
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        self.message = message
+        self.hint = hint
+        super().__init__(f"{message} {hint}" if hint else message)
+
+
+class ConfigError(OptiserveError):
+    """A setting or option is out of range or unknown."""
+
+
+class MissingExtraError(OptiserveError):
+    """An optional dependency is not installed."""
+
+    def __init__(self, module: str, extra: str, feature: str):
+        super().__init__(
+            f"{feature} needs the Python package '{module}', which is not installed.",
+            hint=f"Install it with: pip install 'optiserve[{extra}]'",
+        )
+        self.module, self.extra, self.feature = module, extra, feature
+
+
+class ModelNotFound(OptiserveError):
+    status = 404
+
+    def __init__(self, name: str, version: int | None = None, known: Iterable[str] = ()):
+        what = f"model '{name}'" + (f" version {version}" if version is not None else "")
+        known = sorted(known)
+        hint = (
+            f"Known models: {', '.join(known)}." if known else "The registry has no models yet."
+        ) + " Register one with: optiserve register NAME FILE"
+        super().__init__(f"No {what} in the registry.", hint=hint)
+        self.name, self.version = name, version
+
+
+class ModelLoadError(OptiserveError):
+    """A model file is unknown, corrupted, or not what its extension says."""
+
+    def __init__(self, path: str, reason: str, hint: str | None = None):
+        super().__init__(f"Cannot load model '{path}': {reason}.", hint=hint)
+        self.path, self.reason = path, reason
+
+
+class ConversionError(OptiserveError):
+    """A model could not be converted, or the converted model disagrees with the original."""
+
+
+class UnknownNameError(OptiserveError):
+    """A name (pass, runtime, data source, option) that is not registered."""
+
+    def __init__(self, kind: str, name: str, known: Iterable[str]):
+        super().__init__(
+            f"Unknown {kind} '{name}'.", hint=f"Choose one of: {', '.join(sorted(known))}."
+        )
+        self.kind, self.name = kind, name
+
+
+class DatasetError(OptiserveError):
+    """Validation or calibration data that cannot be read or does not fit the model."""
+
+
+class SQLRefusedError(DatasetError):
+    """A query that is not a single read-only SELECT."""
+
+    def __init__(self, query: str, reason: str):
+        short = " ".join(query.split())[:80]
+        super().__init__(
+            f"Refused SQL query '{short}': {reason}.",
+            hint="Validation data is read with a single SELECT (or WITH ... SELECT) statement.",
+        )
+
+
+class SignatureMismatchError(DatasetError):
+    """Validation data whose columns, shapes or dtypes do not match the model's inputs."""
+
+
+class GateFailedError(OptiserveError):
+    """No candidate kept enough accuracy. Carries the report so faces can still show it."""
+
+    status = 422
+
+    def __init__(self, message: str, report: object):
+        super().__init__(message)
+        self.report = report
+
+
+class OptimizationTimeout(OptiserveError):
+    status = 408

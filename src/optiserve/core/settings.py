@@ -1,0 +1,156 @@
+"""Settings from the environment, with the seed's variable names and defaults.
+
+The seed's four variables keep their bare names (OPTIMIZATION_MAX_TIME_MINUTES, ...); optiserve's
+own settings are prefixed OPTISERVE_. Named SQL data sources come from OPTISERVE_DATA_SOURCE_<NAME>
+variables; the source `demo` is built in (a seeded, synthetic churn table, see optiserve.demo).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from optiserve.core.errors import ConfigError, UnknownNameError
+
+DATA_SOURCE_PREFIX = "OPTISERVE_DATA_SOURCE_"
+DEMO_SOURCE = "demo"
+
+
+class Settings(BaseSettings):
+    """The effective configuration. `optiserve config` prints it."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    optimization_max_time_minutes: float = Field(
+        30, gt=0, validation_alias="OPTIMIZATION_MAX_TIME_MINUTES",
+        description="Wall-clock limit of one optimization run; the best result so far is kept.",
+    )
+    optimization_accuracy_threshold: float = Field(
+        0.99, validation_alias="OPTIMIZATION_ACCURACY_THRESHOLD",
+        description="Minimum ratio of the optimized metric to the original's (0 < t <= 1).",
+    )
+    tensorrt_workspace_size_gb: float = Field(
+        4, gt=0, validation_alias="TENSORRT_WORKSPACE_SIZE_GB",
+        description="TensorRT builder workspace memory.",
+    )
+    onnx_opset_version: int = Field(
+        17, ge=7, le=23, validation_alias="ONNX_OPSET_VERSION",
+        description="Opset used when converting models to ONNX.",
+    )
+    home: Path = Field(
+        Path(".optiserve"), validation_alias=AliasChoices("OPTISERVE_HOME"),
+        description="Folder for the embedded defaults: SQLite registry, artifacts, demo data.",
+    )
+    database_url: str | None = Field(
+        None, validation_alias="OPTISERVE_DATABASE_URL",
+        description="SQLAlchemy URL of the registry database; default SQLite under home.",
+    )
+    artifact_url: str | None = Field(
+        None, validation_alias="OPTISERVE_ARTIFACT_URL",
+        description="Where artifacts live: a local folder or an fsspec URL (s3://...).",
+    )
+    default_data_source: str = Field(
+        DEMO_SOURCE, validation_alias="OPTISERVE_DEFAULT_DATA_SOURCE",
+        description="Data source used for SQL validation data when the request names none.",
+    )
+    threads: int = Field(
+        default_factory=lambda: os.cpu_count() or 1, ge=1, validation_alias="OPTISERVE_THREADS",
+        description="Threads per inference session while benchmarking (intra-op).",
+    )
+    sql_max_rows: int = Field(
+        100_000, ge=1, validation_alias="OPTISERVE_SQL_MAX_ROWS",
+        description="Most rows a validation query may return.",
+    )
+    sql_timeout_s: float = Field(
+        60, gt=0, validation_alias="OPTISERVE_SQL_TIMEOUT_S",
+        description="Longest a validation query may run.",
+    )
+
+    @field_validator("optimization_accuracy_threshold")
+    @classmethod
+    def _threshold_range(cls, v: float) -> float:
+        check_threshold(v)
+        return v
+
+    @cached_property
+    def registry_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.home / 'registry.db').resolve()}"
+
+    @cached_property
+    def artifacts_location(self) -> str:
+        return self.artifact_url or str((self.home / "artifacts").resolve())
+
+    def data_sources(self) -> dict[str, str]:
+        """Named SQL data sources: OPTISERVE_DATA_SOURCE_<NAME>=<url>, plus the built-in demo."""
+        sources = {DEMO_SOURCE: f"sqlite:///{(self.home / 'demo' / 'demo.db').resolve()}"}
+        for key, value in os.environ.items():
+            if key.startswith(DATA_SOURCE_PREFIX) and value:
+                sources[key[len(DATA_SOURCE_PREFIX):].lower()] = value
+        return sources
+
+    def data_source_url(self, name: str | None) -> tuple[str, str]:
+        """(name, url) of a configured data source; unknown names list the known ones."""
+        name = (name or self.default_data_source).lower()
+        sources = self.data_sources()
+        if name not in sources:
+            raise UnknownNameError("data source", name, sources)
+        return name, sources[name]
+
+    def redacted(self) -> dict[str, object]:
+        """Settings for display, with passwords in URLs hidden."""
+        out: dict[str, object] = {
+            "OPTIMIZATION_MAX_TIME_MINUTES": self.optimization_max_time_minutes,
+            "OPTIMIZATION_ACCURACY_THRESHOLD": self.optimization_accuracy_threshold,
+            "TENSORRT_WORKSPACE_SIZE_GB": self.tensorrt_workspace_size_gb,
+            "ONNX_OPSET_VERSION": self.onnx_opset_version,
+            "OPTISERVE_HOME": str(self.home),
+            "OPTISERVE_DATABASE_URL": _hide_password(self.registry_url),
+            "OPTISERVE_ARTIFACT_URL": self.artifacts_location,
+            "OPTISERVE_DEFAULT_DATA_SOURCE": self.default_data_source,
+            "OPTISERVE_THREADS": self.threads,
+            "OPTISERVE_SQL_MAX_ROWS": self.sql_max_rows,
+            "OPTISERVE_SQL_TIMEOUT_S": self.sql_timeout_s,
+        }
+        for name, url in self.data_sources().items():
+            out[f"{DATA_SOURCE_PREFIX}{name.upper()}"] = _hide_password(url)
+        return out
+
+
+def check_threshold(value: float) -> float:
+    if not (0 < value <= 1):
+        raise ConfigError(
+            f"Accuracy threshold {value} is outside (0, 1].",
+            hint="It is the fraction of the original metric to keep: 0.99 keeps 99 %.",
+        )
+    return value
+
+
+def _hide_password(url: str) -> str:
+    if "://" in url and "@" in url.split("://", 1)[1]:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+    return url
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment; turn pydantic's validation errors into one readable ConfigError."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = err.get("loc", ("?",))[0]
+        cause = err.get("ctx", {}).get("error")
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise ConfigError(
+            f"Setting {where} = {err.get('input')!r} is invalid: {err.get('msg')}.",
+            hint="Fix the environment variable of that name (see `optiserve config`).",
+        ) from None

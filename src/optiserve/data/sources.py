@@ -1,0 +1,111 @@
+"""Read validation data from CSV, Parquet or NPZ files, or from SQL on a named data source."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from optiserve.core.deps import require
+from optiserve.core.errors import ConfigError, DatasetError
+from optiserve.core.settings import Settings
+
+Columns = dict[str, np.ndarray]
+
+
+class DatasetSpec(BaseModel):
+    """Where validation (or calibration) data comes from: the seed's `validation_dataset`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["sql", "file"] = Field(description="'sql' (a query) or 'file' (a path).")
+    query: str | None = Field(None, description="A single SELECT, for source 'sql'.")
+    path: str | None = Field(None, description="A CSV, Parquet or NPZ file, for source 'file'.")
+    label_column: str | None = Field(
+        None, description="Column (or NPZ array) holding the labels; none = compare outputs "
+        "with the original model's.")
+    data_source: str | None = Field(
+        None, description="Named SQL data source; default OPTISERVE_DEFAULT_DATA_SOURCE.")
+
+    @model_validator(mode="after")
+    def _one_location(self) -> DatasetSpec:
+        if self.source == "sql" and not self.query:
+            raise ValueError("source 'sql' needs a query")
+        if self.source == "file" and not self.path:
+            raise ValueError("source 'file' needs a path")
+        return self
+
+
+def read(spec: DatasetSpec, settings: Settings, *, base_dir: Path | None = None) -> Columns:
+    """Columns (or NPZ arrays) by name."""
+    if spec.source == "sql":
+        from optiserve.data.sql import read_sql
+
+        name, url = settings.data_source_url(spec.data_source)
+        if name == "demo":
+            from optiserve.demo.churn_data import ensure_demo_source
+
+            ensure_demo_source(url)
+        return read_sql(url, spec.query or "", max_rows=settings.sql_max_rows,
+                        timeout_s=settings.sql_timeout_s, source=name)
+    path = Path(spec.path or "")
+    if base_dir is not None and not path.is_absolute():
+        path = base_dir / path
+    if not path.is_file():
+        raise DatasetError(f"Validation file '{path}' does not exist.",
+                           hint="Give the path of a .csv, .parquet or .npz file.")
+    suffix = path.suffix.lower()
+    readers = {".csv": _csv, ".parquet": _parquet, ".npz": _npz}
+    if suffix not in readers:
+        raise DatasetError(f"Validation file '{path}' has an unknown type '{suffix}'.",
+                           hint="Use .csv, .parquet or .npz.")
+    try:
+        return readers[suffix](path)
+    except DatasetError:
+        raise
+    except Exception as exc:  # parsers raise many types for malformed files
+        raise DatasetError(f"Cannot read '{path}': {str(exc).splitlines()[0][:200]}",
+                           hint=f"Check that it is a valid {suffix[1:]} file.") from None
+
+
+def _csv(path: Path) -> Columns:
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        rows = list(reader)
+    if not header or not rows:
+        raise DatasetError(f"CSV file '{path}' has no header or no rows.")
+    cols = {}
+    for i, name in enumerate(header):
+        values = [r[i] if i < len(r) else "" for r in rows]
+        try:
+            cols[name] = np.asarray(values, dtype=np.float64)
+        except ValueError:
+            cols[name] = np.asarray(values)
+    return cols
+
+
+def _parquet(path: Path) -> Columns:
+    pq = require("pyarrow.parquet", extra="parquet", feature="Reading Parquet files")
+    table = pq.read_table(path)
+    return {name: table.column(name).to_numpy(zero_copy_only=False)
+            for name in table.column_names}
+
+
+def _npz(path: Path) -> Columns:
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def parse_spec(*, sql: str | None, path: str | None, label: str | None,
+               data_source: str | None) -> DatasetSpec | None:
+    """Build a spec from CLI-style options (exactly one of sql / path)."""
+    if sql and path:
+        raise ConfigError("Give validation data as SQL or as a file, not both.")
+    if not (sql or path):
+        return None
+    return DatasetSpec(source="sql" if sql else "file", query=sql, path=path,
+                       label_column=label, data_source=data_source)

@@ -1,0 +1,1 @@
+"""The optimizer: candidates -> gate -> benchmark -> choose -> report."""

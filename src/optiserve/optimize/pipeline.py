@@ -1,0 +1,226 @@
+"""The optimizer: build candidates from the requested passes, gate each on accuracy, benchmark
+each, keep the fastest that passes, register it, and report.
+
+Every node of the candidate tree is a candidate, prefixes included: when INT8 is slower than
+FP32 on this machine, the FP32 ONNX model wins and the report says why. When no candidate
+passes, the closest one is kept as a rejected version and GateFailedError carries the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from optiserve.bench.latency import benchmark_runtime
+from optiserve.convert.torch import example_arrays
+from optiserve.core.errors import GateFailedError, OptiserveError
+from optiserve.core.settings import Settings
+from optiserve.data import metrics
+from optiserve.data.binding import Dataset, bind
+from optiserve.data.sources import read
+from optiserve.optimize.report import Candidate, OptimizationResult, build_report
+from optiserve.optimize.request import OptimizeRequest
+from optiserve.optimize.search import expand
+from optiserve.passes.base import Artifact, PassContext, PassSkipped, get_pass
+from optiserve.registry.registry import Registry, VersionInfo
+from optiserve.runtimes.base import load_runtime
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str, float], None]
+_SYNTHETIC_ROWS = 64
+
+
+def load_dataset(request: OptimizeRequest, version: VersionInfo, settings: Settings) -> Dataset:
+    spec = request.validation_dataset
+    if spec is None:
+        inputs = example_arrays(version.signature.inputs, batch=_SYNTHETIC_ROWS)
+        return Dataset(inputs, None, f"{_SYNTHETIC_ROWS} synthetic rows (no validation data)")
+    columns = read(spec, settings)
+    where = spec.query if spec.source == "sql" else spec.path
+    return bind(columns, version.signature, label_column=spec.label_column,
+                feature_names=version.meta.get("feature_names"),
+                description=f"{spec.source}: {where}")
+
+
+class Optimizer:
+    """One optimization run. Use `optimize()`; this class holds the run's state."""
+
+    def __init__(self, registry: Registry, request: OptimizeRequest,
+                 progress: Progress | None = None):
+        self.registry, self.request = registry, request
+        self.settings = registry.settings
+        self.progress = progress or (lambda msg, frac: None)
+        self.threshold = request.accuracy_threshold or self.settings.optimization_accuracy_threshold
+        self.deadline = time.monotonic() + 60 * self.settings.optimization_max_time_minutes
+        self.notes: list[str] = []
+        self.timed_out = False
+
+    # -- one candidate ------------------------------------------------------------------
+    def measure(self, artifact: Artifact, dataset: Dataset, reference, task) -> Candidate:
+        runtime = load_runtime(artifact.path, artifact.signature, format=artifact.format,
+                               threads=self.settings.threads)
+        with runtime:
+            outputs = metrics.collect(runtime, dataset)
+            reference = reference if reference is not None else outputs
+            task = task or metrics.detect_task(outputs, dataset.labels)
+            evaluation = metrics.evaluate(outputs, dataset.labels, reference, task)
+            primary = _primary_output(outputs, task)
+            latency = benchmark_runtime(
+                runtime, dataset.take, self.request.batch_sizes, warmup=self.request.warmup,
+                iterations=self.request.iterations, max_seconds=10,
+                outputs=primary)
+        return Candidate(artifact=artifact, runtime=runtime.name, latency=latency,
+                         evaluation=evaluation, outputs=outputs,
+                         size_bytes=artifact.path.stat().st_size,
+                         parity=_parity(outputs, reference, task))
+
+    # -- the tree of candidates ---------------------------------------------------------
+    def chain(self, original: Artifact) -> list[str]:
+        names = list(self.request.optimizations)
+        classes = [get_pass(n) for n in names]  # unknown names fail before any work
+        if names and classes[0].needs_onnx and original.format != "onnx" \
+                and "onnx_conversion" not in names:
+            names.insert(0, "onnx_conversion")
+            self.notes.append("added onnx_conversion first: the other passes work on ONNX")
+        return names
+
+    def candidates(self, original: Artifact, dataset: Dataset, workdir: Path):
+        configs = self.request.configs()
+        names = self.chain(original)
+        plans = {n: expand(get_pass(n), configs.get(n)) for n in names}
+        unused = set(configs) - set(names)
+        if unused:
+            self.notes.append(f"options given for passes not requested: {sorted(unused)}")
+        sample = dataset.take(min(2, dataset.n))
+        frontier = [original]
+        for step, name in enumerate(names):
+            nxt = []
+            for node in frontier:
+                for i, config in enumerate(plans[name]):
+                    if self._out_of_time():
+                        return
+                    self.progress(f"{name} on {node.label}", 0)
+                    wd = workdir / f"{len(node.passes)}-{step}-{i}-{id(node)}"
+                    wd.mkdir(parents=True)
+                    ctx = PassContext(workdir=wd, settings=self.settings, sample=sample)
+                    try:
+                        child = get_pass(name)().run(node, config, ctx)
+                    except PassSkipped as skip:
+                        self.notes.append(f"{name} skipped on {node.label}: {skip}")
+                        if node not in nxt:
+                            nxt.append(node)
+                        continue
+                    nxt.append(child)
+                    yield child
+            frontier = nxt
+
+    def _out_of_time(self) -> bool:
+        if time.monotonic() > self.deadline:
+            if not self.timed_out:
+                self.notes.append(f"stopped at OPTIMIZATION_MAX_TIME_MINUTES="
+                                  f"{self.settings.optimization_max_time_minutes}; kept the best "
+                                  "candidate measured so far")
+            self.timed_out = True
+        return self.timed_out
+
+    # -- the run ------------------------------------------------------------------------
+    def run(self) -> OptimizationResult:
+        version = self.registry.resolve(self.request.model_id)
+        dataset = load_dataset(self.request, version, self.settings)
+        run_id = self.registry.start_run(version.model, self.request.model_dump(mode="json"))
+        try:
+            result = self._run(run_id, version, dataset)
+        except OptiserveError as exc:
+            self.registry.finish_run(run_id, "failed", error=str(exc))
+            raise
+        except Exception as exc:
+            self.registry.finish_run(run_id, "failed", error=f"{type(exc).__name__}: {exc}")
+            raise
+        self.registry.finish_run(run_id, result.status, report=result.details())
+        if result.status == "rejected":
+            raise GateFailedError(result.failure_reason(), result)
+        return result
+
+    def _run(self, run_id: str, version: VersionInfo, dataset: Dataset) -> OptimizationResult:
+        original_art = Artifact(path=self.registry.path(version), format=version.format,
+                                signature=version.signature, meta=dict(version.meta))
+        self.progress(f"measuring the original ({version.format}) on {dataset.n} rows", 0)
+        original = self.measure(original_art, dataset, None, None)
+        task = original.evaluation.task
+        measured: list[Candidate] = []
+        with tempfile.TemporaryDirectory(prefix="optiserve-") as tmp:
+            for artifact in self.candidates(original_art, dataset, Path(tmp)):
+                self.progress(f"measuring {artifact.label}", 0)
+                cand = self.measure(artifact, dataset, original.outputs, task)
+                cand.gate = metrics.gate(cand.evaluation, original.evaluation, self.threshold)
+                measured.append(cand)
+                self.progress(f"measured {artifact.label}", 1)
+            if not measured:
+                raise OptiserveError(
+                    "No candidate was produced: every requested pass was skipped "
+                    f"({'; '.join(self.notes) or 'nothing to do'}).",
+                    hint="Request passes that apply to this model.")
+            passing = [c for c in measured if c.gate.passed]
+            bs = self.request.batch_sizes[0]
+            if passing:
+                chosen = min(passing, key=lambda c: c.latency[bs].p50_ms)
+                status = "completed"
+            else:
+                chosen = max(measured, key=lambda c: c.gate.ratio)
+                status = "rejected"
+            chosen.version = self._register(version, chosen, status, original)
+        return build_report(run_id=run_id, status=status, source=version, original=original,
+                            candidates=measured, chosen=chosen, threshold=self.threshold,
+                            batch_size=bs, notes=self.notes, dataset=dataset.description,
+                            threads=self.settings.threads, timed_out=self.timed_out)
+
+    def _register(self, parent: VersionInfo, cand: Candidate, status: str,
+                  original: Candidate) -> VersionInfo:
+        bs = self.request.batch_sizes[0]
+        metrics_row = {
+            cand.evaluation.metric: cand.evaluation.value, "n": cand.evaluation.n,
+            "original_" + cand.evaluation.metric: original.evaluation.value,
+            f"p50_ms_batch_{bs}": cand.latency[bs].p50_ms, "gate": cand.gate.reason,
+        }
+        return self.registry.add_version(
+            parent.model, cand.artifact.path, framework="onnx", format=cand.artifact.format,
+            signature=cand.artifact.signature, parent=parent.version,
+            passes=cand.artifact.passes, metrics=metrics_row,
+            meta={k: v for k, v in cand.artifact.meta.items() if k != "opsets"}, status=status)
+
+
+def _primary_output(outputs: dict, task: str) -> list[str] | None:
+    """Time what the user's `predict` returns: labels for classifiers that have them."""
+    if task == "classification" and "label" in outputs:
+        return ["label"]
+    return None
+
+
+def _parity(outputs: dict, reference: dict, task: str) -> dict:
+    """Max abs / relative error of the main output and label agreement vs the original."""
+    key = next((k for k in ("probabilities", "variable") if k in outputs and k in reference),
+               None)
+    a = outputs[key] if key else next(iter(outputs.values()))
+    b = reference[key] if key else next(iter(reference.values()))
+    out: dict = {}
+    if a.dtype.kind in "fiu" and b.dtype.kind in "fiu" and a.size == b.size:
+        a64, b64 = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+        diff = np.abs(a64 - b64)
+        out["max_abs"] = float(diff.max())
+        out["max_rel"] = float((diff / np.maximum(np.abs(b64), 1e-6)).max())
+    if task == "classification":
+        same = metrics._same(metrics.predictions(outputs, task),
+                             metrics.predictions(reference, task))
+        out["label_agreement"] = float(same.mean())
+        out["labels_differing"] = int((~same).sum())
+    return out
+
+
+def optimize(registry: Registry, request: OptimizeRequest,
+             progress: Progress | None = None) -> OptimizationResult:
+    return Optimizer(registry, request, progress).run()

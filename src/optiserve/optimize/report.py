@@ -1,0 +1,122 @@
+"""The report: the seed's response shape, and the details behind it (every candidate)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from optiserve.bench.latency import Latency
+from optiserve.data.metrics import Evaluation, GateResult
+from optiserve.passes.base import Artifact
+from optiserve.registry.registry import VersionInfo
+
+# artifact format -> the seed's "format" word
+SEED_FORMAT = {"pkl": "pkl", "onnx": "onnx", "torchscript": "torchscript", "pt2": "pt2"}
+
+
+@dataclass
+class Candidate:
+    artifact: Artifact
+    runtime: str
+    latency: dict[int, Latency]
+    evaluation: Evaluation
+    outputs: dict
+    size_bytes: int
+    parity: dict[str, Any]
+    gate: GateResult | None = None
+    version: VersionInfo | None = None
+
+    def summary(self, batch_size: int) -> dict[str, Any]:
+        return {
+            "format": SEED_FORMAT.get(self.artifact.format, self.artifact.format),
+            "size_mb": round(self.size_bytes / 1e6, 3),
+            "latency_ms": round(self.latency[batch_size].p50_ms, 4),
+            "accuracy": round(self.evaluation.value, 4),
+        }
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "label": self.artifact.label, "passes": self.artifact.passes,
+            "runtime": self.runtime, "size_mb": round(self.size_bytes / 1e6, 3),
+            "metric": self.evaluation.metric, "value": self.evaluation.value,
+            "n": self.evaluation.n, "metric_details": self.evaluation.details,
+            "parity": self.parity, "notes": self.artifact.notes,
+            "latency": {f"batch_{bs}": lat.as_dict() for bs, lat in self.latency.items()},
+            "gate": None if self.gate is None else {
+                "passed": self.gate.passed, "ratio": round(self.gate.ratio, 5),
+                "required": round(self.gate.required, 5), "reason": self.gate.reason},
+        }
+
+
+def _pct(before: float, after: float) -> str:
+    return f"{(1 - after / before) * 100:.1f}%" if before else "n/a"
+
+
+@dataclass
+class OptimizationResult:
+    """What `optimize()` returns: `response` is exactly the seed's response body."""
+
+    response: dict[str, Any]
+    run_id: str
+    status: str
+    original: Candidate
+    candidates: list[Candidate]
+    chosen: Candidate
+    threshold: float
+    batch_size: int
+    dataset: str
+    threads: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def version(self) -> VersionInfo | None:
+        return self.chosen.version
+
+    def details(self) -> dict[str, Any]:
+        return {
+            **self.response,
+            "details": {
+                "threshold": self.threshold, "batch_size": self.batch_size,
+                "threads": self.threads, "dataset": self.dataset,
+                "metric": self.original.evaluation.metric,
+                "original": self.original.details(),
+                "candidates": [c.details() for c in self.candidates],
+                "chosen": self.candidates.index(self.chosen),
+                "version": None if self.version is None else self.version.version,
+                "notes": self.notes,
+            },
+        }
+
+    def failure_reason(self) -> str:
+        c = self.chosen
+        return (f"No candidate kept {self.threshold:.2%} of the original "
+                f"{c.evaluation.metric}. Closest: {c.artifact.label}: {c.gate.reason}. "
+                f"It is kept as rejected version {c.version.version if c.version else '?'}; "
+                "lower the threshold or try other passes.")
+
+
+def build_report(*, run_id: str, status: str, source: VersionInfo, original: Candidate,
+                 candidates: list[Candidate], chosen: Candidate, threshold: float,
+                 batch_size: int, notes: list[str], dataset: str, threads: int,
+                 timed_out: bool) -> OptimizationResult:
+    before, after = original.summary(batch_size), chosen.summary(batch_size)
+    change = after["accuracy"] - before["accuracy"]
+    response = {
+        "optimization_id": run_id,
+        "status": status,
+        "original": before,
+        "optimized": after,
+        "improvement": {
+            "size_reduction": _pct(original.size_bytes, chosen.size_bytes),
+            "latency_reduction": _pct(original.latency[batch_size].p50_ms,
+                                      chosen.latency[batch_size].p50_ms),
+            "accuracy_change": f"{change:+.3f}" if round(change, 3) else "0.000",
+        },
+        "artifact_id": chosen.version.artifact_id if chosen.version else None,
+    }
+    if timed_out:
+        notes = [*notes, "timeout: the run hit its time limit"]
+    return OptimizationResult(response=response, run_id=run_id, status=status,
+                              original=original, candidates=candidates, chosen=chosen,
+                              threshold=threshold, batch_size=batch_size, dataset=dataset,
+                              threads=threads, notes=notes)

@@ -1,0 +1,52 @@
+"""The optimize request: the seed's body (`POST /api/v1/inference/optimize`), plus options."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from optiserve.core.settings import check_threshold
+from optiserve.data.sources import DatasetSpec
+
+
+class OptimizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model_id: str = Field(description="Registered model name (MODEL or MODEL:VERSION).")
+    optimizations: list[str] = Field(
+        default_factory=lambda: ["onnx_conversion", "quantization"],
+        description="Passes to apply, in order.")
+    quantization_config: dict[str, Any] | None = Field(
+        None, description="Options of the quantization pass, e.g. {method, precision}.")
+    pass_configs: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Options of any pass, by pass name.")
+    validation_dataset: DatasetSpec | None = Field(
+        None, description="Validation data; none = compare outputs on synthetic inputs.")
+    accuracy_threshold: float | None = Field(
+        None, description="Keep >= this fraction of the original metric; default "
+        "OPTIMIZATION_ACCURACY_THRESHOLD.")
+    batch_sizes: list[int] = Field(
+        default_factory=lambda: [1], description="Batch sizes to benchmark; the first one "
+        "decides which passing candidate is fastest.")
+    iterations: int = Field(200, ge=1, description="Timed calls per candidate and batch size.")
+    warmup: int = Field(20, ge=0, description="Untimed calls first.")
+
+    @field_validator("accuracy_threshold")
+    @classmethod
+    def _threshold(cls, v: float | None) -> float | None:
+        return None if v is None else check_threshold(v)
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _batches(cls, v: list[int]) -> list[int]:
+        if not v or any(b < 1 for b in v):
+            raise ValueError("batch sizes must be positive integers")
+        return v
+
+    def configs(self) -> dict[str, dict[str, Any]]:
+        merged = dict(self.pass_configs)
+        if self.quantization_config:
+            merged["quantization"] = {**merged.get("quantization", {}),
+                                      **self.quantization_config}
+        return merged

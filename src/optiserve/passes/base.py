@@ -1,0 +1,102 @@
+"""Pass interface and registry.
+
+A pass is a small class with a `name`, the extras it needs, a nested pydantic `Config`
+(extra="forbid", a description on every field) and one `run()`. A config field that trades
+speed for accuracy declares the values worth trying with `search=[...]` in its json_schema_extra
+and defaults to None; the search layer (optimize/search.py) expands those into candidates.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from optiserve.core.errors import ConfigError, UnknownNameError
+from optiserve.core.settings import Settings
+from optiserve.core.types import Signature
+
+PASSES: dict[str, str] = {
+    "onnx_conversion": "optiserve.passes.onnx_conversion:OnnxConversion",
+    "graph_optimization": "optiserve.passes.graph_optimization:GraphOptimization",
+    "quantization": "optiserve.passes.quantization:Quantization",
+}
+
+
+@dataclass
+class Artifact:
+    """A model between passes: its file, format, signature, facts, and the chain that made it."""
+
+    path: Path
+    format: str
+    signature: Signature
+    meta: dict[str, Any] = field(default_factory=dict)
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def then(self, path: Path, name: str, config: BaseModel, *, format: str = "onnx",
+             signature: Signature | None = None, notes: list[str] | None = None,
+             meta: dict[str, Any] | None = None) -> Artifact:
+        return Artifact(path=path, format=format, signature=signature or self.signature,
+                        meta={**self.meta, **(meta or {})},
+                        passes=[*self.passes, {"name": name,
+                                               "config": config.model_dump(mode="json")}],
+                        notes=[*self.notes, *(notes or [])])
+
+    @property
+    def label(self) -> str:
+        parts = []
+        for p in self.passes:
+            shown = {k: v for k, v in p["config"].items() if v not in (None, [], {})}
+            parts.append(p["name"] + (f"({', '.join(f'{k}={v}' for k, v in shown.items())})"
+                                      if shown else ""))
+        return " > ".join(parts) or "original"
+
+
+@dataclass
+class PassContext:
+    """What a pass may use: a scratch folder, settings, and a small batch of real inputs."""
+
+    workdir: Path
+    settings: Settings
+    sample: dict[str, np.ndarray]
+
+
+class PassSkipped(Exception):
+    """The pass has nothing to do on this model (e.g. no quantizable operator); not an error."""
+
+
+class Pass:
+    name: ClassVar[str]
+    extras: ClassVar[tuple[str, ...]] = ()
+    needs_onnx: ClassVar[bool] = True
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    def run(self, artifact: Artifact, config: BaseModel, ctx: PassContext) -> Artifact:
+        raise NotImplementedError
+
+    @classmethod
+    def parse_config(cls, values: dict[str, Any] | None) -> BaseModel:
+        try:
+            return cls.Config(**(values or {}))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err.get("loc", ())) or "config"
+            fields = ", ".join(cls.Config.model_fields)
+            raise ConfigError(
+                f"Option '{where}' of pass '{cls.name}' is invalid: {err.get('msg')} "
+                f"(got {err.get('input')!r}).", hint=f"Options of '{cls.name}': {fields}."
+            ) from None
+
+
+def get_pass(name: str) -> type[Pass]:
+    if name not in PASSES:
+        raise UnknownNameError("optimization", name, PASSES)
+    module, _, cls = PASSES[name].partition(":")
+    return getattr(importlib.import_module(module), cls)

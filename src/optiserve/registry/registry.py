@@ -1,0 +1,245 @@
+"""Registry API: models and their immutable versions, backed by SQLAlchemy and an ArtifactStore.
+
+SQLite under OPTISERVE_HOME by default, PostgreSQL when OPTISERVE_DATABASE_URL points at one.
+A version appears whole or not at all: its file is stored first (atomically), then its rows are
+written in one transaction; if the transaction fails, a file no other row uses is removed.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from optiserve.core.errors import ConfigError, ModelNotFound
+from optiserve.core.settings import Settings, load_settings
+from optiserve.core.types import Signature
+from optiserve.registry.store import ArtifactStore
+from optiserve.registry.tables import ArtifactRow, ModelRow, RunRow, VersionRow, utcnow
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """A model version as the rest of optiserve sees it."""
+
+    model: str
+    version: int
+    framework: str
+    format: str
+    artifact_id: str
+    sha256: str
+    size_bytes: int
+    uri: str
+    signature: Signature
+    parent: int | None = None
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    status: str = "ready"
+    created_at: datetime | None = None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.model}:{self.version}"
+
+    @property
+    def size_mb(self) -> float:
+        return self.size_bytes / 1e6
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    created_at: datetime | None
+    versions: list[VersionInfo]
+
+    @property
+    def latest(self) -> VersionInfo | None:
+        ready = [v for v in self.versions if v.status == "ready"]
+        return ready[-1] if ready else None
+
+
+def check_model_name(name: str) -> str:
+    if not _NAME.match(name or ""):
+        raise ConfigError(
+            f"Model name {name!r} is not allowed.",
+            hint="Use letters, digits, '_', '.' and '-' (at most 128, starting with a letter "
+            "or digit).",
+        )
+    return name
+
+
+class Registry:
+    """Models, versions, artifacts and optimization runs."""
+
+    def __init__(self, settings: Settings | None = None, *, database_url: str | None = None,
+                 artifact_url: str | None = None):
+        self.settings = settings or load_settings()
+        url = database_url or self.settings.registry_url
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.url = url
+        self.engine = create_engine(url, future=True, pool_pre_ping=True)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+        self.store = ArtifactStore(artifact_url or self.settings.artifacts_location)
+        self._migrate()
+
+    # -- schema ---------------------------------------------------------------------------
+    def _migrate(self) -> None:
+        from alembic import command
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(_MIGRATIONS))
+        with self.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- versions -------------------------------------------------------------------------
+    def add_version(self, name: str, path: str | Path, *, framework: str, format: str,
+                    signature: Signature, parent: int | None = None,
+                    passes: list[dict] | None = None, metrics: dict | None = None,
+                    meta: dict | None = None, status: str = "ready") -> VersionInfo:
+        """Store `path` as the next version of `name` (created if new). All or nothing."""
+        check_model_name(name)
+        suffix = Path(path).suffix or f".{format}"
+        uri, sha, size = self.store.put(path, suffix)
+        try:
+            for attempt in range(5):
+                try:
+                    return self._insert(name, uri, sha, size, framework, format, signature,
+                                        parent, passes or [], metrics or {}, meta or {}, status)
+                except IntegrityError:
+                    if attempt == 4:
+                        raise
+        except BaseException:
+            with self._session() as s:
+                shared = s.scalar(select(func.count()).where(ArtifactRow.uri == uri))
+            if not shared:
+                self.store.delete(uri)
+            raise
+        raise AssertionError("unreachable")
+
+    def _insert(self, name, uri, sha, size, framework, format, signature, parent, passes,
+                metrics, meta, status) -> VersionInfo:
+        with self._session.begin() as s:
+            model = s.scalar(select(ModelRow).where(ModelRow.name == name))
+            if model is None:
+                model = ModelRow(name=name)
+                s.add(model)
+                s.flush()
+            number = (s.scalar(select(func.max(VersionRow.version))
+                               .where(VersionRow.model_id == model.id)) or 0) + 1
+            parent_id = None
+            if parent is not None:
+                parent_id = s.scalar(select(VersionRow.id).where(
+                    VersionRow.model_id == model.id, VersionRow.version == parent))
+            art = ArtifactRow(id=f"{name}-v{number}", sha256=sha, size_bytes=size,
+                              format=format, uri=uri)
+            s.add(art)
+            row = VersionRow(model_id=model.id, version=number, framework=framework,
+                             artifact_id=art.id, signature=signature.model_dump(mode="json"),
+                             parent_id=parent_id, passes=passes, metrics=metrics, meta=meta,
+                             status=status)
+            s.add(row)
+            s.flush()
+            return self._info(name, row, art, parent)
+
+    def _info(self, name: str, row: VersionRow, art: ArtifactRow,
+              parent: int | None) -> VersionInfo:
+        return VersionInfo(
+            model=name, version=row.version, framework=row.framework, format=art.format,
+            artifact_id=art.id, sha256=art.sha256, size_bytes=art.size_bytes, uri=art.uri,
+            signature=Signature.model_validate(row.signature), parent=parent,
+            passes=list(row.passes or []), metrics=dict(row.metrics or {}),
+            meta=dict(row.meta or {}), status=row.status, created_at=row.created_at,
+        )
+
+    def _versions(self, s: Session, model: ModelRow) -> list[VersionInfo]:
+        by_id = {v.id: v.version for v in model.versions}
+        return [self._info(model.name, v, v.artifact, by_id.get(v.parent_id))
+                for v in model.versions]
+
+    def get(self, name: str, version: int | None = None) -> VersionInfo:
+        """A version; by default the latest one that is ready (not a rejected candidate)."""
+        with self._session() as s:
+            model = s.scalar(select(ModelRow).where(ModelRow.name == name))
+            if model is None:
+                raise ModelNotFound(name, known=s.scalars(select(ModelRow.name)).all())
+            versions = self._versions(s, model)
+        if version is None:
+            ready = [v for v in versions if v.status == "ready"]
+            if ready:
+                return ready[-1]
+        else:
+            for v in versions:
+                if v.version == version:
+                    return v
+        raise ModelNotFound(name, version, known=[name])
+
+    def resolve(self, ref: str) -> VersionInfo:
+        """'name' or 'name:version'."""
+        name, _, ver = ref.partition(":")
+        if ver and not ver.isdigit():
+            raise ConfigError(f"Version {ver!r} in {ref!r} is not a number.",
+                              hint="Write MODEL or MODEL:VERSION, e.g. churn:2.")
+        return self.get(name, int(ver) if ver else None)
+
+    def models(self) -> list[ModelInfo]:
+        with self._session() as s:
+            rows = s.scalars(select(ModelRow).order_by(ModelRow.name)).all()
+            return [ModelInfo(m.name, m.created_at, self._versions(s, m)) for m in rows]
+
+    def path(self, version: VersionInfo) -> Path:
+        """Local path of a version's artifact file."""
+        return self.store.local_path(version.uri, version.sha256)
+
+    def original(self, version: VersionInfo) -> VersionInfo:
+        """Walk the lineage back to the version that was registered from the user's file."""
+        while version.parent is not None:
+            version = self.get(version.model, version.parent)
+        return version
+
+    # -- optimization runs ----------------------------------------------------------------
+    def start_run(self, model: str, request: dict) -> str:
+        run_id = f"opt-{secrets.token_hex(6)}"
+        with self._session.begin() as s:
+            s.add(RunRow(id=run_id, model_name=model, status="running", request=request))
+        return run_id
+
+    def finish_run(self, run_id: str, status: str, report: dict | None = None,
+                   error: str | None = None) -> None:
+        with self._session.begin() as s:
+            row = s.get(RunRow, run_id)
+            row.status, row.report, row.error = status, report, (error or None) and error[:2000]
+            row.finished_at = utcnow()
+
+    def run(self, run_id: str) -> dict:
+        with self._session() as s:
+            row = s.get(RunRow, run_id)
+            if row is None:
+                raise ModelNotFound(run_id)
+            return {"id": row.id, "model": row.model_name, "status": row.status,
+                    "request": row.request, "report": row.report, "error": row.error}
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()

@@ -1,0 +1,78 @@
+"""SQLAlchemy tables. Schema changes go through Alembic (registry/migrations)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ModelRow(Base):
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    versions: Mapped[list[VersionRow]] = relationship(
+        back_populates="model", order_by="VersionRow.version", cascade="all, delete-orphan"
+    )
+
+
+class ArtifactRow(Base):
+    """A stored file. Content-addressed: identical bytes share one file."""
+
+    __tablename__ = "artifacts"
+
+    id: Mapped[str] = mapped_column(String(160), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    format: Mapped[str] = mapped_column(String(32), nullable=False)
+    uri: Mapped[str] = mapped_column(String(1024), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class VersionRow(Base):
+    """An immutable model version: one artifact, its signature, lineage and metrics."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("model_id", "version", name="uq_model_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), nullable=False)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    framework: Mapped[str] = mapped_column(String(32), nullable=False)
+    artifact_id: Mapped[str] = mapped_column(ForeignKey("artifacts.id"), nullable=False)
+    signature: Mapped[dict] = mapped_column(JSON, nullable=False)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"), nullable=True)
+    passes: Mapped[list] = mapped_column(JSON, default=list)
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    meta: Mapped[dict] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(16), default="ready")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    model: Mapped[ModelRow] = relationship(back_populates="versions")
+    artifact: Mapped[ArtifactRow] = relationship()
+
+
+class RunRow(Base):
+    """One optimization run: request, status, the report (with every candidate tried)."""
+
+    __tablename__ = "optimization_runs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(128), nullable=False, index=True)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    request: Mapped[dict] = mapped_column(JSON, nullable=False)
+    report: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[str | None] = mapped_column(String(2000), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -1,0 +1,32 @@
+"""scikit-learn's own predict/predict_proba: the baseline an ONNX artifact is measured against."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from optiserve.convert.sklearn import load_pickle
+from optiserve.runtimes.base import Runtime
+
+
+class SklearnRuntime(Runtime):
+    name = "sklearn"
+
+    def load(self) -> None:
+        self.model = load_pickle(self.path)
+
+    def predict(self, inputs, outputs=None):
+        x = next(iter(inputs.values()))
+        wanted = outputs or [o.name for o in self.signature.outputs]
+        out: dict[str, np.ndarray] = {}
+        if "label" in wanted or "variable" in wanted:
+            pred = np.asarray(self.model.predict(x))
+            if "variable" in wanted:
+                out["variable"] = pred.reshape(len(pred), -1)
+            else:
+                out["label"] = pred
+        if "probabilities" in wanted:
+            out["probabilities"] = np.asarray(self.model.predict_proba(x))
+        return out
+
+    def unload(self) -> None:
+        self.model = None
