@@ -13,7 +13,7 @@ _LAZY = {
     "register": "optiserve.api",
     "optimize": "optiserve.api",
     "benchmark": "optiserve.api",
-    "OptimizeRequest": "optiserve.optimize.request",
+    "OptimizeRequest": "optiserve.optimizer.request",
     "DatasetSpec": "optiserve.data.sources",
     "Settings": "optiserve.core.settings",
     "load_settings": "optiserve.core.settings",

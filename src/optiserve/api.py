@@ -14,10 +14,10 @@ from optiserve.convert.torch import example_arrays
 from optiserve.core.errors import ConfigError
 from optiserve.data.binding import bind
 from optiserve.data.sources import DatasetSpec, read
-from optiserve.optimize.pipeline import Progress
-from optiserve.optimize.pipeline import optimize as _optimize
-from optiserve.optimize.report import OptimizationResult
-from optiserve.optimize.request import OptimizeRequest
+from optiserve.optimizer.pipeline import Progress
+from optiserve.optimizer.pipeline import optimize as _optimize
+from optiserve.optimizer.report import OptimizationResult
+from optiserve.optimizer.request import OptimizeRequest
 from optiserve.registry.registry import Registry, VersionInfo, check_model_name
 from optiserve.runtimes.base import load_runtime
 

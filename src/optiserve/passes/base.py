@@ -43,15 +43,16 @@ class Artifact:
              meta: dict[str, Any] | None = None) -> Artifact:
         return Artifact(path=path, format=format, signature=signature or self.signature,
                         meta={**self.meta, **(meta or {})},
-                        passes=[*self.passes, {"name": name,
-                                               "config": config.model_dump(mode="json")}],
+                        passes=[*self.passes, {
+                            "name": name, "config": config.model_dump(mode="json"),
+                            "set": config.model_dump(mode="json", exclude_defaults=True)}],
                         notes=[*self.notes, *(notes or [])])
 
     @property
     def label(self) -> str:
         parts = []
         for p in self.passes:
-            shown = {k: v for k, v in p["config"].items() if v not in (None, [], {})}
+            shown = p.get("set", {})
             parts.append(p["name"] + (f"({', '.join(f'{k}={v}' for k, v in shown.items())})"
                                       if shown else ""))
         return " > ".join(parts) or "original"

@@ -6,6 +6,8 @@ when left unset: both candidates are measured and the gate and the benchmark cho
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections import Counter
 from typing import Literal
 
@@ -54,13 +56,15 @@ class Quantization(Pass):
             raise PassSkipped(f"no operator INT8 can speed up (MatMul/Gemm/Conv/Attention); "
                               f"the graph has {found}")
         out = ctx.workdir / f"int8_{'pc' if config.per_channel else 'pt'}.onnx"
-        quantize_dynamic(
-            str(artifact.path), str(out), per_channel=config.per_channel,
-            reduce_range=config.reduce_range,
-            weight_type=QuantType.QInt8 if config.weight_type == "qint8" else QuantType.QUInt8,
-            op_types_to_quantize=config.op_types, nodes_to_exclude=config.nodes_to_exclude,
-            # Fused graphs hold contrib ops shape inference cannot type; default them to float.
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        with _quiet_root_logger():
+            quantize_dynamic(
+                str(artifact.path), str(out), per_channel=config.per_channel,
+                reduce_range=config.reduce_range,
+                weight_type=QuantType.QInt8 if config.weight_type == "qint8"
+                else QuantType.QUInt8,
+                op_types_to_quantize=config.op_types, nodes_to_exclude=config.nodes_to_exclude,
+                # Fused graphs hold contrib ops shape inference cannot type: default to float.
+                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         quantized = check(out)
         after = Counter(n.op_type for n in quantized.graph.node)
         int8_ops = {k: v for k, v in after.items()
@@ -68,3 +72,15 @@ class Quantization(Pass):
         note = ("dynamic INT8 " + ("per-channel" if config.per_channel else "per-tensor") + ": "
                 + ", ".join(f"{k} x{v}" for k, v in sorted(int8_ops.items())))
         return artifact.then(out, self.name, config, notes=[note])
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """ONNX Runtime's quantizer logs advice on the root logger; keep the user's output clean."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)

@@ -16,16 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
-from optiserve.bench.latency import benchmark_runtime
+from optiserve.bench.isolated import benchmark_isolated
 from optiserve.convert.torch import example_arrays
 from optiserve.core.errors import GateFailedError, OptiserveError
 from optiserve.core.settings import Settings
 from optiserve.data import metrics
 from optiserve.data.binding import Dataset, bind
 from optiserve.data.sources import read
-from optiserve.optimize.report import Candidate, OptimizationResult, build_report
-from optiserve.optimize.request import OptimizeRequest
-from optiserve.optimize.search import expand
+from optiserve.optimizer.report import Candidate, OptimizationResult, build_report
+from optiserve.optimizer.request import OptimizeRequest
+from optiserve.optimizer.search import expand
 from optiserve.passes.base import Artifact, PassContext, PassSkipped, get_pass
 from optiserve.registry.registry import Registry, VersionInfo
 from optiserve.runtimes.base import load_runtime
@@ -69,14 +69,15 @@ class Optimizer:
             reference = reference if reference is not None else outputs
             task = task or metrics.detect_task(outputs, dataset.labels)
             evaluation = metrics.evaluate(outputs, dataset.labels, reference, task)
-            primary = _primary_output(outputs, task)
-            latency = benchmark_runtime(
-                runtime, dataset.take, self.request.batch_sizes, warmup=self.request.warmup,
-                iterations=self.request.iterations, max_seconds=10,
-                outputs=primary)
+        latency, peak_mb = benchmark_isolated(
+            artifact.path, artifact.signature, format=artifact.format,
+            threads=self.settings.threads,
+            inputs={bs: dataset.take(bs) for bs in self.request.batch_sizes},
+            warmup=self.request.warmup, iterations=self.request.iterations, max_seconds=10,
+            outputs=_primary_output(outputs, task))
         return Candidate(artifact=artifact, runtime=runtime.name, latency=latency,
                          evaluation=evaluation, outputs=outputs,
-                         size_bytes=artifact.path.stat().st_size,
+                         size_bytes=artifact.path.stat().st_size, peak_rss_mb=peak_mb,
                          parity=_parity(outputs, reference, task))
 
     # -- the tree of candidates ---------------------------------------------------------
@@ -111,13 +112,17 @@ class Optimizer:
                     try:
                         child = get_pass(name)().run(node, config, ctx)
                     except PassSkipped as skip:
-                        self.notes.append(f"{name} skipped on {node.label}: {skip}")
+                        self._note(f"{name} skipped on {node.label}: {skip}")
                         if node not in nxt:
                             nxt.append(node)
                         continue
                     nxt.append(child)
                     yield child
             frontier = nxt
+
+    def _note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
 
     def _out_of_time(self) -> bool:
         if time.monotonic() > self.deadline:
@@ -158,6 +163,7 @@ class Optimizer:
                 self.progress(f"measuring {artifact.label}", 0)
                 cand = self.measure(artifact, dataset, original.outputs, task)
                 cand.gate = metrics.gate(cand.evaluation, original.evaluation, self.threshold)
+                self._explain_parity(cand, original)
                 measured.append(cand)
                 self.progress(f"measured {artifact.label}", 1)
             if not measured:
@@ -168,7 +174,7 @@ class Optimizer:
             passing = [c for c in measured if c.gate.passed]
             bs = self.request.batch_sizes[0]
             if passing:
-                chosen = min(passing, key=lambda c: c.latency[bs].p50_ms)
+                chosen = min(passing, key=lambda c: _speed_score(c, passing))
                 status = "completed"
             else:
                 chosen = max(measured, key=lambda c: c.gate.ratio)
@@ -178,6 +184,14 @@ class Optimizer:
                             candidates=measured, chosen=chosen, threshold=self.threshold,
                             batch_size=bs, notes=self.notes, dataset=dataset.description,
                             threads=self.settings.threads, timed_out=self.timed_out)
+
+    def _explain_parity(self, cand: Candidate, original: Candidate) -> None:
+        differing = cand.parity.get("labels_differing", 0)
+        if differing and original.artifact.format == "pkl" and cand.artifact.format == "onnx":
+            self._note(f"{differing} of {cand.evaluation.n} labels of {cand.artifact.label} differ "
+                       "from scikit-learn's: ONNX tree and linear operators compare features "
+                       "in float32 where scikit-learn uses float64, so rows near a split "
+                       "threshold can change side. The gate above measures the effect.")
 
     def _register(self, parent: VersionInfo, cand: Candidate, status: str,
                   original: Candidate) -> VersionInfo:
@@ -191,7 +205,16 @@ class Optimizer:
             parent.model, cand.artifact.path, framework="onnx", format=cand.artifact.format,
             signature=cand.artifact.signature, parent=parent.version,
             passes=cand.artifact.passes, metrics=metrics_row,
-            meta={k: v for k, v in cand.artifact.meta.items() if k != "opsets"}, status=status)
+            meta={k: v for k, v in cand.artifact.meta.items() if k != "opsets"},
+            status="ready" if status == "completed" else "rejected")
+
+
+def _speed_score(cand: Candidate, pool: list[Candidate]) -> float:
+    """Geometric mean over batch sizes of p50 / the best p50 at that size (1.0 = fastest at
+    every size). With one batch size this is plain p50 order."""
+    ratios = [cand.latency[bs].p50_ms / min(c.latency[bs].p50_ms for c in pool)
+              for bs in cand.latency]
+    return float(np.exp(np.mean(np.log(ratios))))
 
 
 def _primary_output(outputs: dict, task: str) -> list[str] | None:

@@ -23,6 +23,7 @@ class Candidate:
     outputs: dict
     size_bytes: int
     parity: dict[str, Any]
+    peak_rss_mb: float = 0.0
     gate: GateResult | None = None
     version: VersionInfo | None = None
 
@@ -38,6 +39,7 @@ class Candidate:
         return {
             "label": self.artifact.label, "passes": self.artifact.passes,
             "runtime": self.runtime, "size_mb": round(self.size_bytes / 1e6, 3),
+            "peak_rss_mb": self.peak_rss_mb,
             "metric": self.evaluation.metric, "value": self.evaluation.value,
             "n": self.evaluation.n, "metric_details": self.evaluation.details,
             "parity": self.parity, "notes": self.artifact.notes,

@@ -1,0 +1,223 @@
+"""`optiserve` commands. Each parses options, calls the Python API, and renders the result.
+
+A user's mistake ends with one readable line on stderr and a non-zero exit (2; 3 when no
+candidate passed the gate), never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from optiserve.cli import render
+from optiserve.core.errors import GateFailedError, OptiserveError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Make a trained model smaller, faster and served.")
+models_app = typer.Typer(no_args_is_help=True, help="Registered models and their versions.")
+app.add_typer(models_app, name="models")
+console = Console()
+err = Console(stderr=True)
+
+
+def _csv(text: str | None) -> list[str]:
+    return [p.strip() for p in (text or "").split(",") if p.strip()]
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(p) for p in _csv(text)]
+    except ValueError:
+        raise OptiserveError(f"{what} {text!r} must be comma-separated integers, e.g. 1,16,32.")
+
+
+@contextmanager
+def progress_bar(title: str):
+    """A bar whose total grows as the pipeline announces steps, with the current step shown."""
+    with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                  console=err, transient=True) as bar:
+        task = bar.add_task(title, total=1)
+
+        def update(message: str, done: float) -> None:
+            t = bar.tasks[task]
+            if done:
+                bar.update(task, advance=done, description=message[:90])
+            else:
+                bar.update(task, total=max(t.total or 1, t.completed + 1),
+                           description=message[:90])
+        yield update
+
+
+def _registry():
+    from optiserve.registry import Registry
+
+    return Registry()
+
+
+@app.command()
+def register(name: str = typer.Argument(..., help="Model name in the registry, e.g. churn."),
+             file: Path = typer.Argument(..., help=".onnx, .pkl/.joblib, .pt (TorchScript) or "
+                                         ".pt2 (torch.export)."),
+             input: list[str] = typer.Option(None, "--input", help="TorchScript input spec "
+                                             "NAME:DTYPE[DIMS], once per input."),
+             as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """Register a model file as a new, immutable version."""
+    from optiserve.api import register as api_register
+
+    v = api_register(name, file, registry=_registry(), inputs=input or None)
+    if as_json:
+        console.print_json(json.dumps({"model": v.model, "version": v.version, "format": v.format,
+                                       "artifact_id": v.artifact_id, "sha256": v.sha256,
+                                       "size_bytes": v.size_bytes,
+                                       "signature": v.signature.model_dump(mode="json")}))
+        return
+    console.print(f"registered [bold]{v.ref}[/] ({v.framework}, {v.format}, "
+                  f"{v.size_mb:.3f} MB, sha256 {v.sha256[:12]})\n  {v.signature.describe()}")
+
+
+@app.command()
+def optimize(
+    model: str = typer.Argument(..., help="MODEL or MODEL:VERSION."),
+    opt: str = typer.Option("onnx_conversion,quantization", "--opt",
+                            help="Passes, comma-separated, in order."),
+    quant_method: str = typer.Option("dynamic", help="Quantization method."),
+    quant_precision: str = typer.Option("int8", help="Quantization precision."),
+    per_channel: Optional[bool] = typer.Option(None, "--per-channel/--per-tensor",
+                                               help="Weight scales; default: try both."),
+    pass_config: list[str] = typer.Option(None, "--set", help="PASS.OPTION=VALUE (JSON value), "
+                                          "e.g. graph_optimization.num_heads=12."),
+    validation_sql: Optional[str] = typer.Option(None, help="SELECT returning validation rows."),
+    validation_file: Optional[str] = typer.Option(None, help="CSV, Parquet or NPZ file."),
+    data_source: Optional[str] = typer.Option(None, help="Named SQL data source."),
+    label_column: Optional[str] = typer.Option(None, help="Column holding the labels."),
+    threshold: Optional[float] = typer.Option(None, help="Keep this fraction of the metric."),
+    batch_sizes: str = typer.Option("1", help="Batch sizes to benchmark; the first decides."),
+    iterations: int = typer.Option(200, help="Timed calls per candidate and batch size."),
+    warmup: int = typer.Option(20, help="Untimed calls first."),
+    as_json: bool = typer.Option(False, "--json", help="Print the seed's response JSON."),
+    details: bool = typer.Option(False, "--details", help="With --json: every candidate too."),
+):
+    """Optimize a registered model: candidates -> gate -> benchmark -> the fastest that passes."""
+    from optiserve.api import optimize as api_optimize
+    from optiserve.data.sources import parse_spec
+
+    quant = {"method": quant_method, "precision": quant_precision}
+    if per_channel is not None:
+        quant["per_channel"] = per_channel
+    configs: dict[str, dict] = {}
+    for item in pass_config or []:
+        key, eq, value = item.partition("=")
+        pname, dot, option = key.partition(".")
+        if not (eq and dot):
+            raise OptiserveError(f"--set {item!r} is not PASS.OPTION=VALUE.")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        configs.setdefault(pname, {})[option] = parsed
+    spec = parse_spec(sql=validation_sql, path=validation_file, label=label_column,
+                      data_source=data_source)
+    body = {"model_id": model, "optimizations": _csv(opt), "quantization_config": quant,
+            "pass_configs": configs, "accuracy_threshold": threshold,
+            "validation_dataset": spec.model_dump() if spec else None,
+            "batch_sizes": _ints(batch_sizes, "--batch-sizes"), "iterations": iterations,
+            "warmup": warmup}
+    registry = _registry()
+    try:
+        with progress_bar(f"optimizing {model}") as update:
+            result = api_optimize(request=body, registry=registry, progress=update)
+    except GateFailedError as exc:
+        _show(exc.report, as_json, details)
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(3)
+    _show(result, as_json, details)
+
+
+def _show(result, as_json: bool, details: bool) -> None:
+    if as_json:
+        print(json.dumps(result.details() if details else result.response, indent=2))
+    else:
+        render.report(console, result)
+
+
+@app.command()
+def benchmark(
+    model: str = typer.Argument(..., help="MODEL or MODEL:VERSION."),
+    batch_sizes: str = typer.Option("1,16,32,64", help="Comma-separated batch sizes."),
+    iterations: int = typer.Option(1000, help="Timed calls per batch size."),
+    warmup: int = typer.Option(100, help="Untimed calls first."),
+    max_seconds: Optional[float] = typer.Option(None, help="Cap per batch size (runs shown)."),
+    validation_file: Optional[str] = typer.Option(None, help="Inputs from this file "
+                                                  "(default: synthetic from the signature)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the seed's benchmark JSON."),
+):
+    """Latency p50/p95/p99 and throughput of a version in its own runtime."""
+    from optiserve.api import benchmark as api_benchmark
+
+    sizes = _ints(batch_sizes, "--batch-sizes")
+    dataset = {"source": "file", "path": validation_file} if validation_file else None
+    with progress_bar(f"benchmarking {model}") as update:
+        update(f"benchmarking {model}", 0)
+        res = api_benchmark(model, batch_sizes=sizes, iterations=iterations, warmup=warmup,
+                            registry=_registry(), dataset=dataset, max_seconds=max_seconds,
+                            progress=lambda bs: update(f"batch {bs} done", 1))
+    if as_json:
+        print(json.dumps(res, indent=2))
+    else:
+        render.benchmark(console, res)
+
+
+@models_app.command("list")
+def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """Every model with its latest ready version."""
+    infos = _registry().models()
+    if as_json:
+        print(json.dumps([{"model": m.name, "versions": len(m.versions),
+                           "latest": m.latest.version if m.latest else None} for m in infos]))
+    else:
+        render.models(console, infos)
+
+
+@models_app.command("show")
+def models_show(name: str = typer.Argument(..., help="Model name.")):
+    """All versions of a model, with lineage and signature."""
+    registry = _registry()
+    registry.get(name)  # raises ModelNotFound with the known names
+    render.versions(console, next(m for m in registry.models() if m.name == name))
+
+
+@app.command()
+def config(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """Print the effective settings (passwords hidden)."""
+    from optiserve.core.settings import load_settings
+
+    values = load_settings().redacted()
+    if as_json:
+        print(json.dumps(values, indent=2, default=str))
+    else:
+        render.settings(console, values)
+
+
+@app.command()
+def demo(skip_minilm: bool = typer.Option(False, help="Skip the transformer (faster)."),
+         skip_cnn: bool = typer.Option(False, help="Skip the digits CNN.")):
+    """The main job on the embedded defaults: churn (sklearn), MiniLM, digits CNN."""
+    from optiserve.demo.run import run_demo
+
+    run_demo(console, progress_bar, _registry(), minilm=not skip_minilm, cnn=not skip_cnn)
+
+
+def main() -> None:
+    try:
+        app()
+    except OptiserveError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)

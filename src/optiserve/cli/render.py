@@ -1,0 +1,105 @@
+"""Rich tables for reports, candidates, benchmarks, models and settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def report(console: Console, result) -> None:
+    r = result.response
+    o, n, imp = r["original"], r["optimized"], r["improvement"]
+    metric = result.original.evaluation.metric
+    t = Table(title=f"{r['optimization_id']}  status: {r['status']}  "
+              f"artifact: {r['artifact_id']}", title_justify="left")
+    for col in ("", "original", "optimized", "improvement"):
+        t.add_column(col, justify="right" if col else "left")
+    t.add_row("format", o["format"], n["format"], "")
+    t.add_row("size (MB)", f"{o['size_mb']:.3f}", f"{n['size_mb']:.3f}", imp["size_reduction"])
+    t.add_row(f"latency p50, batch {result.batch_size} (ms)", f"{o['latency_ms']:.4f}",
+              f"{n['latency_ms']:.4f}", imp["latency_reduction"])
+    t.add_row(metric, f"{o['accuracy']:.4f}", f"{n['accuracy']:.4f}", imp["accuracy_change"])
+    console.print(t)
+    candidates(console, result)
+    gate = result.chosen.gate
+    console.print(f"[bold]gate[/]: {gate.reason}  ->  "
+                  + ("[green]pass[/]" if gate.passed else "[red]fail[/]"))
+    console.print(f"data: {result.dataset}; threads: {result.threads}")
+    for note in result.notes:
+        console.print(f"[dim]note: {note}[/]")
+
+
+def candidates(console: Console, result) -> None:
+    sizes = sorted(result.original.latency)
+    t = Table(title="candidates (p50 ms per batch size)", title_justify="left")
+    t.add_column("#", justify="right")
+    t.add_column("passes")
+    t.add_column("runtime")
+    t.add_column("MB", justify="right")
+    for bs in sizes:
+        t.add_column(f"b{bs}", justify="right")
+    t.add_column(result.original.evaluation.metric, justify="right")
+    t.add_column("gate")
+    rows = [("orig", result.original), *((str(i), c) for i, c in enumerate(result.candidates))]
+    for key, c in rows:
+        chosen = c is result.chosen
+        gate = "" if c.gate is None else ("pass" if c.gate.passed else "fail")
+        t.add_row(key + (" *" if chosen else ""), c.artifact.label, c.runtime,
+                  f"{c.size_bytes / 1e6:.3f}",
+                  *(f"{c.latency[bs].p50_ms:.4f}" for bs in sizes),
+                  f"{c.evaluation.value:.4f}", gate, style="bold green" if chosen else None)
+    console.print(t)
+
+
+def benchmark(console: Console, res: dict[str, Any]) -> None:
+    b = res["benchmark"]
+    t = Table(title=f"{res['model_id']}:{res['version']}  {res['format']} in {res['runtime']}, "
+              f"{res['threads']} threads, {b['iterations']} iterations "
+              f"({b['warmup_iterations']} warmup)", title_justify="left")
+    for col in ("batch", "runs", "p50 ms", "p95 ms", "p99 ms", "items/s"):
+        t.add_column(col, justify="right")
+    for key, r in b["results"].items():
+        t.add_row(key.removeprefix("batch_"), str(r["runs"]), f"{r['p50_ms']:.4f}",
+                  f"{r['p95_ms']:.4f}", f"{r['p99_ms']:.4f}", f"{r['throughput']:.1f}")
+    console.print(t)
+
+
+def models(console: Console, infos) -> None:
+    t = Table(title="models", title_justify="left")
+    for col in ("model", "versions", "latest", "format", "MB", "lineage", "metrics"):
+        t.add_column(col)
+    for m in infos:
+        v = m.latest
+        if v is None:
+            t.add_row(m.name, str(len(m.versions)), "-", "", "", "", "")
+            continue
+        lineage = " > ".join(p["name"] for p in v.passes) or "registered"
+        shown = {k: (round(x, 4) if isinstance(x, float) else x) for k, x in v.metrics.items()
+                 if k != "gate"}
+        t.add_row(m.name, str(len(m.versions)), str(v.version), v.format,
+                  f"{v.size_mb:.3f}", (f"v{v.parent} > " if v.parent else "") + lineage,
+                  ", ".join(f"{k}={x}" for k, x in shown.items()))
+    console.print(t)
+
+
+def versions(console: Console, info) -> None:
+    t = Table(title=f"{info.name}", title_justify="left")
+    for col in ("version", "status", "format", "MB", "sha256", "parent", "passes"):
+        t.add_column(col)
+    for v in info.versions:
+        t.add_row(str(v.version), v.status, v.format, f"{v.size_mb:.3f}", v.sha256[:12],
+                  str(v.parent or ""), " > ".join(p["name"] for p in v.passes))
+    console.print(t)
+    for v in info.versions:
+        console.print(f"v{v.version}: {v.signature.describe()}", soft_wrap=True)
+
+
+def settings(console: Console, values: dict[str, Any]) -> None:
+    t = Table(title="effective settings", title_justify="left")
+    t.add_column("variable")
+    t.add_column("value")
+    for k, v in values.items():
+        t.add_row(k, str(v))
+    console.print(t)

@@ -1,0 +1,27 @@
+"""Plain-subclass fakes for registry tests (no mocks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from optiserve.core.types import Signature, TensorSpec
+from optiserve.registry import Registry
+
+SIG = Signature(inputs=(TensorSpec(name="x", dtype="float32", shape=(-1, 4)),),
+                outputs=(TensorSpec(name="y", dtype="float32", shape=(-1, 3)),))
+
+
+class FailingInsertRegistry(Registry):
+    """Fails in the database step, after the artifact was stored (a plain subclass, no mock)."""
+
+    stored_before_insert: bool | None = None
+
+    def _insert(self, name, uri, *args, **kwargs):
+        self.stored_before_insert = stored(self, uri)
+        raise RuntimeError("database went away")
+
+
+def stored(reg: Registry, uri: str) -> bool:
+    if reg.store._local:
+        return Path(uri).is_file()
+    return reg.store.fs.exists(uri.split("://", 1)[1])
