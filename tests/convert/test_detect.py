@@ -1,10 +1,9 @@
-"""Importing model files: format from the bytes, not the name; every bad file is a ModelLoadError."""
+"""Importing model files: the format comes from the bytes; every bad file is a ModelLoadError."""
 
 from __future__ import annotations
 
 import pickle
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -101,6 +100,7 @@ def test_zip_that_is_not_torch(tmp_path):
         import_file(path)
 
 
+@pytest.mark.integration  # unpickling goes through scikit-learn's loader
 def test_pickle_of_a_non_estimator(tmp_path):
     path = tmp_path / "list.pkl"
     path.write_bytes(pickle.dumps([1, 2, 3], protocol=4))
@@ -108,6 +108,7 @@ def test_pickle_of_a_non_estimator(tmp_path):
         import_file(path)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("seed", range(5))
 def test_corrupted_pickle_is_a_model_load_error(tmp_path, seed):
     path = tmp_path / "junk.pkl"
@@ -146,9 +147,6 @@ def _ort_reads(ir_version: int) -> bool:
 
 @pytest.mark.skipif(_ort_reads(onnx.IR_VERSION),
                     reason="this ONNX Runtime reads the newest ONNX IR version")
-@pytest.mark.xfail(strict=True, reason="BUG: an ONNX file whose IR version ONNX Runtime cannot "
-                   "read passes register() and later fails in OnnxRuntime.load with a raw "
-                   "onnxruntime error instead of an OptiserveError")
 def test_onnx_with_ir_version_newer_than_runtime_is_a_user_error(sqlite_registry, tmp_path):
     from optiserve.api import benchmark
     from optiserve.core.errors import OptiserveError

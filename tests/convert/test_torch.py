@@ -120,8 +120,6 @@ def test_module_in_train_mode_is_registered_in_eval_mode(sqlite_registry):
     torch.testing.assert_close(first, expected)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: convert/detect.py import_object treats any object "
-                   "with fit() and predict() as scikit-learn before checking for nn.Module")
 def test_module_with_fit_and_predict_methods_is_still_torch(sqlite_registry):
     torch.manual_seed(0)
     v = register("fp", NetWithFitPredict().eval(), registry=sqlite_registry,

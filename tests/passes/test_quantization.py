@@ -56,15 +56,12 @@ def test_per_channel_must_be_set_when_run_directly(tmp_path, settings, mlp_path)
 
 
 def test_excluded_node_stays_float(tmp_path, settings, mlp_path):
-    first_matmul = next(n.name for n in onnx.load(str(mlp_path)).graph.node
-                        if n.op_type == "MatMul") or None
-    if not first_matmul:  # builders leave node names empty; name one to exclude it
-        model = onnx.load(str(mlp_path))
-        model.graph.node[0].name = "first_matmul"
-        onnx.save(model, str(mlp_path))
-        first_matmul = "first_matmul"
+    model = onnx.load(str(mlp_path))
+    assert model.graph.node[0].op_type == "MatMul"
+    model.graph.node[0].name = "first_matmul"
+    onnx.save(model, str(mlp_path))
     out = run_pass("quantization", onnx_artifact(mlp_path), settings, tmp_path / "wd",
-                   {"per_channel": False, "nodes_to_exclude": [first_matmul]})
+                   {"per_channel": False, "nodes_to_exclude": ["first_matmul"]})
     ops = op_counts(out.path)
     assert ops["MatMul"] == 1 and ops["MatMulInteger"] == 2
 

@@ -109,8 +109,6 @@ def test_model_not_found_lists_known_models(registry, model_file):
         registry.get("alpha", 7)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Registry.get() on a model whose versions are all "
-                   "rejected says \"No model 'x' in the registry. Known models: x\"")
 def test_only_rejected_versions_message_says_so(registry, model_file):
     _add(registry, "m", model_file, status="rejected")
     with pytest.raises(ModelNotFound) as info:
@@ -177,11 +175,7 @@ def test_optimization_runs_round_trip(registry):
     assert len(registry.run(failed)["error"]) == 2000
 
 
-def test_created_at_is_timezone_aware(request, registry, registry_url, model_file):
-    if registry_url.startswith("sqlite"):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "BUG: SQLite drops the timezone of DateTime(timezone=True); get() returns a naive "
-            "created_at while add_version() returned an aware one")))
+def test_created_at_is_timezone_aware(registry, model_file):
     added = _add(registry, "m", model_file)
     assert added.created_at.tzinfo is not None
     assert registry.get("m").created_at.tzinfo is not None

@@ -51,7 +51,7 @@ def test_sha256_file_streams(tmp_path):
     assert sha256_file(big) == (hashlib.sha256(big.read_bytes()).hexdigest(), 2 * (1 << 20) + 1)
 
 
-def test_memory_store_via_artifact_url_setting(monkeypatch, settings, tmp_path, memory_url):
+def test_memory_store_via_artifact_url_setting(monkeypatch, tmp_path, memory_url):
     from optiserve.core.settings import load_settings
 
     monkeypatch.setenv("OPTISERVE_ARTIFACT_URL", memory_url)

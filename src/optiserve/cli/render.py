@@ -41,6 +41,8 @@ def candidates(console: Console, result) -> None:
     for bs in sizes:
         t.add_column(f"b{bs}", justify="right")
     t.add_column(result.original.evaluation.metric, justify="right")
+    t.add_column("max abs err", justify="right")
+    t.add_column("agree", justify="right")
     t.add_column("gate")
     rows = [("orig", result.original), *((str(i), c) for i, c in enumerate(result.candidates))]
     for key, c in rows:
@@ -49,8 +51,14 @@ def candidates(console: Console, result) -> None:
         t.add_row(key + (" *" if chosen else ""), c.artifact.label, c.runtime,
                   f"{c.size_bytes / 1e6:.3f}",
                   *(f"{c.latency[bs].p50_ms:.4f}" for bs in sizes),
-                  f"{c.evaluation.value:.4f}", gate, style="bold green" if chosen else None)
+                  f"{c.evaluation.value:.4f}", _num(c.parity.get("max_abs")),
+                  _num(c.parity.get("label_agreement")), gate,
+                  style="bold green" if chosen else None)
     console.print(t)
+
+
+def _num(x: float | None) -> str:
+    return "" if x is None else f"{x:.2g}" if x < 0.01 else f"{x:.4f}"
 
 
 def benchmark(console: Console, res: dict[str, Any]) -> None:

@@ -90,13 +90,12 @@ def import_object(obj: Any, workdir: Path, *, example_inputs: Any = None) -> Imp
     if module == "onnx":
         from optiserve.convert.onnx_io import import_onnx_proto
         return import_onnx_proto(obj, workdir)
-    if module in ("sklearn", "imblearn") or (hasattr(obj, "fit") and hasattr(obj, "predict")
-                                             and module not in ("torch",)):
-        from optiserve.convert.sklearn import import_estimator
-        return import_estimator(obj, workdir)
     if module == "torch" or _is_torch_module(obj):
         from optiserve.convert.torch import import_torch_object
         return import_torch_object(obj, workdir, example_inputs=example_inputs)
+    if module in ("sklearn", "imblearn") or (hasattr(obj, "fit") and hasattr(obj, "predict")):
+        from optiserve.convert.sklearn import import_estimator
+        return import_estimator(obj, workdir)
     raise ModelLoadError(repr(type(obj)), "this kind of Python object is not a model optiserve "
                          "knows", hint="Pass a scikit-learn estimator, a torch nn.Module (with "
                          "example_inputs), an ExportedProgram or an onnx.ModelProto.")

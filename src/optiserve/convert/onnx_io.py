@@ -60,8 +60,24 @@ def check(path: Path) -> onnx.ModelProto:
                              "accept it.") from None
 
 
+def check_runs(path: Path) -> None:
+    """ONNX Runtime must open the file (IR version, opsets and operators it supports)."""
+    import onnxruntime as ort
+
+    try:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types per failure
+        raise ModelLoadError(str(path), f"ONNX Runtime {ort.__version__} cannot open it "
+                             f"({_first_line(exc)})", hint="Re-export with an opset and IR "
+                             "version this ONNX Runtime supports (see ONNX_OPSET_VERSION).") \
+            from None
+
+
 def import_onnx(path: Path) -> Imported:
     model = check(path)
+    check_runs(path)
     opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
     return Imported(path=path, format="onnx", signature=signature_of(model),
                     meta={"opsets": opsets, **read_meta(model)})

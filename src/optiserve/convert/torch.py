@@ -202,7 +202,8 @@ def to_onnx(path: Path, fmt: str, signature: Signature, sample: dict[str, np.nda
             out: Path, *, opset: int, exporter: str) -> str:
     """Export with torch.onnx; returns the exporter used. Dynamic axes follow the signature."""
     torch = _torch("Converting PyTorch to ONNX")
-    module = load_runnable(path, fmt)
+    # An ExportedProgram keeps its own dynamic dims; export it as is (its .module() would not).
+    module = torch.export.load(str(path)) if fmt == "pt2" else load_runnable(path, fmt)
     args = tuple(torch.from_numpy(np.ascontiguousarray(sample[s.name]))
                  for s in signature.inputs)
     names_in = [s.name for s in signature.inputs]

@@ -37,7 +37,12 @@ class MissingExtraError(OptiserveError):
 class ModelNotFound(OptiserveError):
     status = 404
 
-    def __init__(self, name: str, version: int | None = None, known: Iterable[str] = ()):
+    def __init__(self, name: str, version: int | None = None, known: Iterable[str] = (),
+                 detail: tuple[str, str] | None = None):
+        if detail is not None:  # the model exists, but nothing usable was found
+            OptiserveError.__init__(self, detail[0], hint=detail[1])
+            self.name, self.version = name, version
+            return
         what = f"model '{name}'" + (f" version {version}" if version is not None else "")
         known = sorted(known)
         hint = (
@@ -45,6 +50,14 @@ class ModelNotFound(OptiserveError):
         ) + " Register one with: optiserve register NAME FILE"
         super().__init__(f"No {what} in the registry.", hint=hint)
         self.name, self.version = name, version
+
+
+class RunNotFound(OptiserveError):
+    status = 404
+
+    def __init__(self, run_id: str):
+        super().__init__(f"No optimization run '{run_id}'.",
+                         hint="Run ids look like opt-1a2b3c4d5e6f.")
 
 
 class ModelLoadError(OptiserveError):

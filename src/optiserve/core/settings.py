@@ -109,7 +109,7 @@ class Settings(BaseSettings):
             "ONNX_OPSET_VERSION": self.onnx_opset_version,
             "OPTISERVE_HOME": str(self.home),
             "OPTISERVE_DATABASE_URL": _hide_password(self.registry_url),
-            "OPTISERVE_ARTIFACT_URL": self.artifacts_location,
+            "OPTISERVE_ARTIFACT_URL": _hide_password(self.artifacts_location),
             "OPTISERVE_DEFAULT_DATA_SOURCE": self.default_data_source,
             "OPTISERVE_THREADS": self.threads,
             "OPTISERVE_SQL_MAX_ROWS": self.sql_max_rows,

@@ -130,11 +130,15 @@ class GateResult:
 
 def gate(candidate: Evaluation, original: Evaluation, threshold: float) -> GateResult:
     """Keep the candidate if its metric >= threshold x the original's, on the same n rows."""
-    required = threshold * original.value
+    # threshold x original for the usual positive metric; for a negative one (R² < 0) the same
+    # allowed loss, (1 - threshold) x |original|, measured downwards.
+    required = original.value - (1 - threshold) * abs(original.value)
     ratio = candidate.value / original.value if original.value else float("inf")
     passed = candidate.value >= required - 1e-12
     verdict = "keeps" if passed else "falls below"
+    rule = (f"= {threshold} x original" if original.value >= 0
+            else f"= original - {1 - threshold:.3g} x |original|")
     reason = (f"{candidate.metric} {candidate.value:.4f} vs original {original.value:.4f} "
               f"(ratio {ratio:.4f}) {verdict} the required {required:.4f} "
-              f"= {threshold} x original, on n={candidate.n}")
+              f"{rule}, on n={candidate.n}")
     return GateResult(passed, ratio, required, reason)

@@ -22,12 +22,16 @@ _WRITES = re.compile(
     r"pragma|copy|vacuum|reindex|call|exec|execute|do|lock|set|into)\b", re.I)
 
 
+_TOKENS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|/\*.*?\*/", re.S)
+
+
 def _strip(query: str) -> str:
-    """Drop comments and the contents of string literals/quoted identifiers."""
-    q = re.sub(r"--[^\n]*", " ", query)
-    q = re.sub(r"/\*.*?\*/", " ", q, flags=re.S)
-    q = re.sub(r"'(?:[^']|'')*'", "''", q)
-    return re.sub(r'"(?:[^"]|"")*"', '""', q)
+    """Drop comments and the contents of string literals/quoted identifiers, in one
+    left-to-right pass (so '--' inside a literal is not taken for a comment, and back)."""
+    def repl(m: re.Match) -> str:
+        text = m.group(0)
+        return "''" if text[0] == "'" else '""' if text[0] == '"' else " "
+    return _TOKENS.sub(repl, query)
 
 
 def check_select(query: str) -> str:
@@ -50,6 +54,10 @@ def read_sql(url: str, query: str, *, max_rows: int, timeout_s: float,
              source: str) -> dict[str, np.ndarray]:
     """Run the SELECT and return its columns as numpy arrays."""
     query = check_select(query)
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise DatasetError(f"Data source '{source}' points at a SQLite file that does not exist "
+                           f"({url.removeprefix('sqlite:///')}).",
+                           hint=f"Fix OPTISERVE_DATA_SOURCE_{source.upper()}.")
     engine = create_engine(url, future=True, connect_args=_connect_args(url))
     dialect = engine.dialect.name
     if dialect == "sqlite":

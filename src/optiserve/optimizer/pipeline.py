@@ -18,7 +18,7 @@ import numpy as np
 
 from optiserve.bench.isolated import benchmark_isolated
 from optiserve.convert.torch import example_arrays
-from optiserve.core.errors import GateFailedError, OptiserveError
+from optiserve.core.errors import GateFailedError, OptimizationTimeout, OptiserveError
 from optiserve.core.settings import Settings
 from optiserve.data import metrics
 from optiserve.data.binding import Dataset, bind
@@ -135,11 +135,17 @@ class Optimizer:
 
     # -- the run ------------------------------------------------------------------------
     def run(self) -> OptimizationResult:
+        configs = self.request.configs()
+        for name in self.request.optimizations:  # unknown names and options fail before work
+            expand(get_pass(name), configs.get(name))
         version = self.registry.resolve(self.request.model_id)
         dataset = load_dataset(self.request, version, self.settings)
         run_id = self.registry.start_run(version.model, self.request.model_dump(mode="json"))
         try:
             result = self._run(run_id, version, dataset)
+        except OptimizationTimeout as exc:
+            self.registry.finish_run(run_id, "timeout", error=str(exc))
+            raise
         except OptiserveError as exc:
             self.registry.finish_run(run_id, "failed", error=str(exc))
             raise
@@ -166,6 +172,11 @@ class Optimizer:
                 self._explain_parity(cand, original)
                 measured.append(cand)
                 self.progress(f"measured {artifact.label}", 1)
+            if not measured and self.timed_out:
+                raise OptimizationTimeout(
+                    f"OPTIMIZATION_MAX_TIME_MINUTES={self.settings.optimization_max_time_minutes}"
+                    " ran out before any candidate was measured.",
+                    hint="Raise the limit, or request fewer passes.")
             if not measured:
                 raise OptiserveError(
                     "No candidate was produced: every requested pass was skipped "

@@ -27,8 +27,9 @@ class OptimizeRequest(BaseModel):
         None, description="Keep >= this fraction of the original metric; default "
         "OPTIMIZATION_ACCURACY_THRESHOLD.")
     batch_sizes: list[int] = Field(
-        default_factory=lambda: [1], description="Batch sizes to benchmark; the first one "
-        "decides which passing candidate is fastest.")
+        default_factory=lambda: [1], description="Batch sizes to benchmark. The fastest "
+        "passing candidate has the best geometric mean over these sizes of p50 / the best p50 "
+        "at that size; the report's latency_ms is p50 at the first size.")
     iterations: int = Field(200, ge=1, description="Timed calls per candidate and batch size.")
     warmup: int = Field(20, ge=0, description="Untimed calls first.")
 

@@ -7,18 +7,21 @@ written in one transaction; if the transaction fails, a file no other row uses i
 
 from __future__ import annotations
 
+import random
 import re
 import secrets
+import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, event, func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
-from optiserve.core.errors import ConfigError, ModelNotFound
+from optiserve.core.errors import ConfigError, ModelNotFound, RunNotFound
 from optiserve.core.settings import Settings, load_settings
 from optiserve.core.types import Signature
 from optiserve.registry.store import ArtifactStore
@@ -26,6 +29,7 @@ from optiserve.registry.tables import ArtifactRow, ModelRow, RunRow, VersionRow,
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _MIGRATIONS = Path(__file__).parent / "migrations"
+_MIGRATE_LOCK = threading.Lock()  # alembic's context is process-global
 
 
 @dataclass(frozen=True)
@@ -103,9 +107,20 @@ class Registry:
 
         cfg = Config()
         cfg.set_main_option("script_location", str(_MIGRATIONS))
-        with self.engine.begin() as conn:
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+        with _MIGRATE_LOCK:
+            for attempt in range(3):
+                try:
+                    with self.engine.begin() as conn:
+                        if conn.dialect.name == "postgresql":  # one migrator per database
+                            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(727171)")
+                        cfg.attributes["connection"] = conn
+                        command.upgrade(cfg, "head")
+                    return
+                except (OperationalError, IntegrityError, ProgrammingError):
+                    # another process created the schema at the same moment: check again
+                    if attempt == 2:
+                        raise
+                    time.sleep(0.2 * (attempt + 1))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -120,13 +135,15 @@ class Registry:
         suffix = Path(path).suffix or f".{format}"
         uri, sha, size = self.store.put(path, suffix)
         try:
-            for attempt in range(5):
+            for attempt in range(8):
                 try:
                     return self._insert(name, uri, sha, size, framework, format, signature,
                                         parent, passes or [], metrics or {}, meta or {}, status)
-                except IntegrityError:
-                    if attempt == 4:
+                except (IntegrityError, OperationalError):
+                    # another writer took the same model name or version number: retry
+                    if attempt == 7:
                         raise
+                    time.sleep(0.02 * 2 ** attempt * (1 + random.random()))
         except BaseException:
             with self._session() as s:
                 shared = s.scalar(select(func.count()).where(ArtifactRow.uri == uri))
@@ -138,7 +155,7 @@ class Registry:
     def _insert(self, name, uri, sha, size, framework, format, signature, parent, passes,
                 metrics, meta, status) -> VersionInfo:
         with self._session.begin() as s:
-            model = s.scalar(select(ModelRow).where(ModelRow.name == name))
+            model = s.scalar(select(ModelRow).where(ModelRow.name == name).with_for_update())
             if model is None:
                 model = ModelRow(name=name)
                 s.add(model)
@@ -186,6 +203,9 @@ class Registry:
             ready = [v for v in versions if v.status == "ready"]
             if ready:
                 return ready[-1]
+            raise ModelNotFound(name, known=[name], detail=(
+                f"Every version of model '{name}' is a rejected candidate.",
+                f"Name one explicitly, e.g. {name}:{versions[-1].version}, or register again."))
         else:
             for v in versions:
                 if v.version == version:
@@ -233,7 +253,7 @@ class Registry:
         with self._session() as s:
             row = s.get(RunRow, run_id)
             if row is None:
-                raise ModelNotFound(run_id)
+                raise RunNotFound(run_id)
             return {"id": row.id, "model": row.model_name, "status": row.status,
                     "request": row.request, "report": row.report, "error": row.error}
 

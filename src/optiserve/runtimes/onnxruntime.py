@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from optiserve.core.errors import DatasetError
+from optiserve.core.errors import DatasetError, ModelLoadError
 from optiserve.runtimes.base import Runtime
 
 
@@ -19,8 +19,13 @@ class OnnxRuntime(Runtime):
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
-        self.session = ort.InferenceSession(str(self.path), so,
-                                            providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(self.path), so,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own exception types per failure
+            raise ModelLoadError(str(self.path), "ONNX Runtime cannot open it ("
+                                 + (str(exc).strip().splitlines() or ["?"])[0][:300] + ")") \
+                from None
         self._types = {i.name: i.type for i in self.session.get_inputs()}
 
     def predict(self, inputs, outputs=None):
