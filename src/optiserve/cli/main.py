@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from optiserve.cli import render
@@ -136,7 +137,7 @@ def optimize(
             result = api_optimize(request=body, registry=registry, progress=update)
     except GateFailedError as exc:
         _show(exc.report, as_json, details)
-        err.print(f"[red]error:[/] {exc}")
+        _error(exc)
         raise typer.Exit(3)
     _show(result, as_json, details)
 
@@ -215,9 +216,14 @@ def demo(skip_minilm: bool = typer.Option(False, help="Skip the transformer (fas
     run_demo(console, progress_bar, _registry(), minilm=not skip_minilm, cnn=not skip_cnn)
 
 
+def _error(exc: Exception) -> None:
+    """One line on stderr, however long (soft_wrap: the terminal wraps, Rich does not)."""
+    err.print(Text("error: ", style="red") + Text(str(exc)), highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     try:
         app()
     except OptiserveError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        _error(exc)
         sys.exit(2)

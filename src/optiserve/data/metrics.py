@@ -138,7 +138,7 @@ def gate(candidate: Evaluation, original: Evaluation, threshold: float) -> GateR
     verdict = "keeps" if passed else "falls below"
     rule = (f"= {threshold} x original" if original.value >= 0
             else f"= original - {1 - threshold:.3g} x |original|")
-    reason = (f"{candidate.metric} {candidate.value:.4f} vs original {original.value:.4f} "
-              f"(ratio {ratio:.4f}) {verdict} the required {required:.4f} "
+    reason = (f"{candidate.metric} {candidate.value:.6f} vs original {original.value:.6f} "
+              f"(ratio {ratio:.5f}) {verdict} the required {required:.6f} "
               f"{rule}, on n={candidate.n}")
     return GateResult(passed, ratio, required, reason)
