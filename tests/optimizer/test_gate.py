@@ -1,5 +1,5 @@
 """The gate decides: a run where no candidate passes keeps the closest as a rejected version;
-the choice among passing candidates is by speed at the first batch size."""
+the choice among passing candidates is by speed over the batch sizes."""
 
 from __future__ import annotations
 

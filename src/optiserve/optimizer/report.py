@@ -11,7 +11,8 @@ from optiserve.passes.base import Artifact
 from optiserve.registry.registry import VersionInfo
 
 # artifact format -> the seed's "format" word
-SEED_FORMAT = {"pkl": "pkl", "onnx": "onnx", "torchscript": "torchscript", "pt2": "pt2"}
+SEED_FORMAT = {"pkl": "pkl", "onnx": "onnx", "torchscript": "torchscript", "pt2": "pt2",
+               "openvino": "openvino"}
 
 
 @dataclass

@@ -23,6 +23,9 @@ class OptimizeRequest(BaseModel):
         default_factory=dict, description="Options of any pass, by pass name.")
     validation_dataset: DatasetSpec | None = Field(
         None, description="Validation data; none = compare outputs on synthetic inputs.")
+    calibration_dataset: DatasetSpec | None = Field(
+        None, description="Rows for passes that calibrate (OpenVINO INT8); default: the "
+        "validation rows.")
     accuracy_threshold: float | None = Field(
         None, description="Keep >= this fraction of the original metric; default "
         "OPTIMIZATION_ACCURACY_THRESHOLD.")

@@ -24,6 +24,7 @@ PASSES: dict[str, str] = {
     "onnx_conversion": "optiserve.passes.onnx_conversion:OnnxConversion",
     "graph_optimization": "optiserve.passes.graph_optimization:GraphOptimization",
     "quantization": "optiserve.passes.quantization:Quantization",
+    "openvino": "optiserve.passes.openvino:OpenVINO",
 }
 
 
@@ -60,11 +61,13 @@ class Artifact:
 
 @dataclass
 class PassContext:
-    """What a pass may use: a scratch folder, settings, and a small batch of real inputs."""
+    """What a pass may use: a scratch folder, settings, a small batch of real inputs, and rows
+    to calibrate with (a Dataset: the calibration data, else the validation data)."""
 
     workdir: Path
     settings: Settings
     sample: dict[str, np.ndarray]
+    calibration: Any = None
 
 
 class PassSkipped(Exception):
@@ -75,6 +78,9 @@ class Pass:
     name: ClassVar[str]
     extras: ClassVar[tuple[str, ...]] = ()
     needs_onnx: ClassVar[bool] = True
+    #: A branching pass makes leaf candidates (another runtime's format) from every node of the
+    #: tree it accepts, instead of replacing the frontier the next pass works on.
+    branches: ClassVar[bool] = False
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")

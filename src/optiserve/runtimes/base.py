@@ -20,9 +20,11 @@ RUNTIMES: dict[str, str] = {
     "onnxruntime": "optiserve.runtimes.onnxruntime:OnnxRuntime",
     "sklearn": "optiserve.runtimes.sklearn:SklearnRuntime",
     "torch": "optiserve.runtimes.torch:TorchRuntime",
+    "openvino": "optiserve.runtimes.openvino:OpenVINORuntime",
 }
 # artifact format -> runtime that runs it natively
-FORMAT_RUNTIME = {"onnx": "onnxruntime", "pkl": "sklearn", "torchscript": "torch", "pt2": "torch"}
+FORMAT_RUNTIME = {"onnx": "onnxruntime", "pkl": "sklearn", "torchscript": "torch", "pt2": "torch",
+                  "openvino": "openvino"}
 
 
 class Runtime(ABC):

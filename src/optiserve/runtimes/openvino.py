@@ -1,0 +1,45 @@
+"""OpenVINO runtime (CPU): reads the .ovz artifact (model.xml + model.bin) from memory."""
+
+from __future__ import annotations
+
+import zipfile
+
+import numpy as np
+
+from optiserve.core.deps import require
+from optiserve.core.errors import DatasetError, ModelLoadError
+from optiserve.runtimes.base import Runtime
+
+
+class OpenVINORuntime(Runtime):
+    name = "openvino"
+
+    def load(self) -> None:
+        ov = require("openvino", extra="openvino", feature="The OpenVINO runtime")
+        try:
+            with zipfile.ZipFile(self.path) as z:
+                xml, weights = z.read("model.xml"), z.read("model.bin")
+        except (zipfile.BadZipFile, KeyError) as exc:
+            raise ModelLoadError(str(self.path), f"not an OpenVINO artifact ({exc})") from None
+        core = ov.Core()
+        model = core.read_model(model=xml, weights=ov.Tensor(np.frombuffer(weights, np.uint8)))
+        self.compiled = core.compile_model(model, "CPU", {
+            "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": self.threads})
+        self.request = self.compiled.create_infer_request()
+        self._inputs = {p.get_any_name(): p.get_element_type().to_dtype()
+                        for p in self.compiled.inputs}
+
+    def predict(self, inputs, outputs=None):
+        feed = {}
+        for name, dtype in self._inputs.items():
+            if name not in inputs:
+                raise DatasetError(f"Input '{name}' is missing.",
+                                   hint=f"The model takes: {', '.join(self._inputs)}.")
+            feed[name] = np.ascontiguousarray(inputs[name], dtype=dtype)
+        self.request.infer(feed)
+        names = [o.name for o in self.signature.outputs]
+        result = {n: self.request.get_output_tensor(i).data.copy() for i, n in enumerate(names)}
+        return {k: result[k] for k in (outputs or names)}
+
+    def unload(self) -> None:
+        self.request = self.compiled = None
