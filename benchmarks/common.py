@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -137,78 +136,85 @@ def package_versions(*names: str) -> dict[str, str]:
     return out
 
 
-def run_stage(script: Path, *args: str, timeout: float = 600) -> float:
-    """Run `python script *args` in a fresh interpreter (fresh thread pools); return seconds."""
+def _cpu_times() -> tuple[float, float]:
+    fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
+    return sum(fields), idle
+
+
+def cpu_busy(seconds: float = 1.0) -> float | None:
+    """Fraction of all CPUs busy over `seconds` (call it while this script is idle: what it
+    measures is other processes). None where /proc/stat is missing."""
+    try:
+        t0, i0 = _cpu_times()
+        time.sleep(seconds)
+        t1, i1 = _cpu_times()
+    except OSError:
+        return None
+    return 0.0 if t1 == t0 else 1.0 - (i1 - i0) / (t1 - t0)
+
+
+def wait_for_quiet(limit_s: float = 20.0, busy_max: float = 0.15) -> dict[str, Any]:
+    """Before a timed stage: measure how busy the machine is with other work; wait (up to
+    `limit_s`) for it to calm down. The result is recorded next to the numbers."""
     t0 = time.perf_counter()
+    busy = cpu_busy()
+    while busy is not None and busy > busy_max and time.perf_counter() - t0 < limit_s:
+        busy = cpu_busy()
+    return {"other_cpu_busy": None if busy is None else round(busy, 3),
+            "waited_s": round(time.perf_counter() - t0, 1),
+            "loadavg_1m": round(os.getloadavg()[0], 2)}
+
+
+def run_stage(script: Path, *args: str, log: Path | None = None,
+              timeout: float = 600) -> dict[str, Any]:
+    """Run `python script *args` in a fresh interpreter (fresh thread pools), its output going
+    to `log` (shown if it fails) or to this terminal. Returns its wall
+    seconds and `other_cpu_busy`: the share of the machine's CPU time used by processes other
+    than this stage while it ran (from /proc/stat minus the child's own CPU time); a high value
+    means the timings were taken on a contended machine."""
+    import resource
+
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, str(script), *args], env=env, timeout=timeout)
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    try:
+        c0 = _cpu_times()
+    except OSError:
+        c0 = None
+    t0 = time.perf_counter()
+    if log is None:
+        proc = subprocess.run([sys.executable, str(script), *args], env=env, timeout=timeout)
+    else:
+        with open(log, "ab") as f:
+            proc = subprocess.run([sys.executable, str(script), *args], env=env,
+                                  timeout=timeout, stdout=f, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t0
     if proc.returncode != 0:
+        if log is not None:
+            tail = log.read_text(errors="replace").splitlines()[-40:]
+            print("\n".join(tail), file=sys.stderr)
         raise SystemExit(f"stage {' '.join(args)} failed with exit code {proc.returncode}")
-    return time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    child = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    other = None
+    if c0 is not None:
+        c1 = _cpu_times()
+        hz = os.sysconf("SC_CLK_TCK")
+        total, idle = (c1[0] - c0[0]) / hz, (c1[1] - c0[1]) / hz
+        other = max(0.0, (total - idle - child) / total) if total else 0.0
+    return {"seconds": round(wall, 1), "stage_cpu_s": round(child, 1),
+            "other_cpu_busy": None if other is None else round(other, 3)}
 
 
 # -- the sentence pool ----------------------------------------------------------------------
-_SENT_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"(])")
-_BAD = re.compile(r"(::|>>>|\*\*|==|\|\||__|\\|[{}\[\]<>=#@$%^~`|])")
-
-
-def _prose_paragraphs(text: str):
-    """Paragraphs of running prose: unindented lines, no headings, tables or code."""
-    for para in re.split(r"\n\s*\n", text):
-        lines = para.splitlines()
-        if not lines or any(ln.startswith((" ", "\t")) for ln in lines):
-            continue  # code blocks, grammar rules, indented lists and tables
-        if any(set(ln.strip()) <= set("*=-~^+|:. ") for ln in lines):
-            continue  # rst headings and table rules
-        if lines[0].lstrip().startswith(("..", ":", "*", "-", "|", "+", "#")):
-            continue
-        yield " ".join(ln.strip() for ln in lines)
-
-
-def _good_sentence(s: str) -> bool:
-    words = s.split()
-    if not (8 <= len(words) <= 45) or not s.endswith("."):
-        return False
-    if _BAD.search(s) or s.count('"') % 2 or s.count("(") != s.count(")"):
-        return False
-    letters = sum(c.isalpha() or c == " " for c in s)
-    return letters / len(s) > 0.9 and s[0].isupper()
-
-
 def sentence_pool(n_total: int = 350, seed: int = 0) -> tuple[list[str], list[dict[str, str]]]:
-    """`n_total` distinct prose sentences from text shipped with installed packages:
-    CPython's pydoc_data.topics (at most 8 per topic) and scikit-learn's
-    datasets/descr/*.rst (at most 30 per file), shuffled with `seed`. Returns the sentences
-    and, for each, its source."""
-    import importlib.resources as resources
+    """The demo's sentence pool (optiserve.demo.sentences), with each sentence's source."""
+    from optiserve.demo.sentences import sentence_pool as pool
 
-    from pydoc_data.topics import topics
-
-    sources: list[tuple[str, str, int]] = [(f"pydoc_data.topics:{k}", topics[k], 8)
-                                           for k in sorted(topics)]
-    descr = resources.files("sklearn.datasets") / "descr"
-    for p in sorted(descr.iterdir(), key=lambda p: p.name):
-        if p.name.endswith(".rst"):
-            sources.append((f"sklearn/datasets/descr/{p.name}", p.read_text(), 30))
-    seen: set[str] = set()
-    pool: list[tuple[str, str]] = []
-    for where, text, cap in sources:
-        taken = 0
-        for para in _prose_paragraphs(text):
-            for s in _SENT_SPLIT.split(para):
-                s = " ".join(s.split())
-                key = s.lower()
-                if taken < cap and _good_sentence(s) and key not in seen:
-                    seen.add(key)
-                    pool.append((s, where))
-                    taken += 1
-    if len(pool) < n_total:
-        raise SystemExit(f"only {len(pool)} sentences found; need {n_total}")
-    order = np.random.default_rng(seed).permutation(len(pool))[:n_total]
-    picked = [pool[i] for i in order]
-    return [s for s, _ in picked], [{"text": s, "source": w} for s, w in picked]
+    sentences, where = pool(n_total, seed)
+    return sentences, [{"text": s, "source": w} for s, w in zip(sentences, where)]
 
 
 def print_kv(console, title: str, rows: dict[str, Any]) -> None:

@@ -43,8 +43,10 @@ VARIANTS = {
     "a": "PyTorch eager FP32 (sdpa)",
     "b": "PyTorch dynamic INT8 (nn.Linear)",
     "c": "ONNX Runtime FP32 (plain export)",
-    "d": "optiserve artifact (ORT)",
+    "d": "optiserve artifact (its chosen runtime)",
 }
+SHORT = {"a": "PyTorch\nFP32", "b": "PyTorch\nINT8", "c": "ORT FP32\n(plain)",
+         "d": "optiserve\n(chosen)"}
 TARGETS = {"speedup_b1": 3.0, "size_ratio": 0.30, "cos_mean": 0.99}
 SCRIPT = Path(__file__).resolve()
 
@@ -130,17 +132,26 @@ def stage_prepare(workdir: Path) -> None:
     t1 = time.perf_counter()
     torch.onnx.export(
         wrapper, args, str(plain / "model.onnx"),
-        input_names=["input_ids", "attention_mask"], output_names=["embedding"],
+        input_names=["input_ids", "attention_mask"], output_names=["mean_pooled"],
         dynamic_axes={"input_ids": {0: "batch", 1: "seq"},
-                      "attention_mask": {0: "batch", 1: "seq"}, "embedding": {0: "batch"}})
+                      "attention_mask": {0: "batch", 1: "seq"}, "mean_pooled": {0: "batch"}})
     import onnx
 
+    # The dynamo exporter names intermediate values after aten ops; an output named
+    # "embedding" collides with the aten.embedding value (ORT: "Duplicate definition").
+    onnx.checker.check_model(str(plain / "model.onnx"))
+    sess = common.ort_session(plain / "model.onnx")
+    got = sess.run(None, {"input_ids": example["input_ids"],
+                          "attention_mask": example["attention_mask"]})[0]
+    with torch.inference_mode():
+        want = wrapper(*args).numpy()
     model = onnx.load(str(plain / "model.onnx"), load_external_data=False)
     info["plain_export"] = {
         "seconds": round(time.perf_counter() - t1, 1),
         "torch.onnx.export dynamo default": True,
         "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},
-        "nodes": len(model.graph.node), "files": sorted(os.listdir(plain))}
+        "nodes": len(model.graph.node), "files": sorted(os.listdir(plain)),
+        "max_abs_diff_vs_torch": float(np.abs(got - want).max())}
     info["seconds"] = round(time.perf_counter() - t0, 1)
     common.write_json(workdir / "prepare.json", info)
 
@@ -165,9 +176,11 @@ def stage_optimize(workdir: Path, iterations: int, warmup: int) -> None:
     try:
         result = optiserve.optimize(
             "minilm", registry=reg,
-            optimizations=["onnx_conversion", "graph_optimization", "quantization"],
+            optimizations=["onnx_conversion", "graph_optimization", "quantization", "openvino"],
             validation_dataset={"source": "file", "path": str(workdir / "heldout.npz"),
                                 "label_column": None},
+            # calibration (OpenVINO INT8) on sentences disjoint from the held-out ones
+            calibration_dataset={"source": "file", "path": str(workdir / "calibration.npz")},
             accuracy_threshold=0.99, batch_sizes=list(BATCH_SIZES),
             iterations=iterations, warmup=warmup)
     except GateFailedError as exc:  # the closest candidate is still kept (as rejected)
@@ -183,7 +196,8 @@ def stage_optimize(workdir: Path, iterations: int, warmup: int) -> None:
                            "signature": source.signature.model_dump(mode="json")},
         "chosen_version": None if chosen is None else {
             "ref": chosen.ref, "format": chosen.format, "size_mb": chosen.size_mb,
-            "status": chosen.status, "passes": chosen.passes, "path": str(reg.path(chosen))},
+            "status": chosen.status, "passes": chosen.passes, "path": str(reg.path(chosen)),
+            "signature": chosen.signature.model_dump(mode="json")},
         "chosen_label": result.chosen.artifact.label,
         "response": result.response,
         "details": details,
@@ -228,14 +242,29 @@ def stage_variant(workdir: Path, variant: str, max_seconds: float) -> None:
         def to_numpy(y):
             return y.numpy()
         out["runtime"] = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    elif variant == "d":  # optiserve's artifact, in the runtime that won (ORT or OpenVINO)
+        from optiserve.core.types import Signature
+        from optiserve.runtimes.base import load_runtime
+
+        chosen = json.loads((workdir / "optimize.json").read_text())["chosen_version"]
+        path = Path(chosen["path"])
+        runtime = load_runtime(path, Signature.model_validate(chosen["signature"]),
+                               format=chosen["format"], threads=common.THREADS)
+        runtime.load()
+        out["file"], out["size_mb"] = path.name, common.file_mb(path)
+
+        def make_call(feed):
+            def call():
+                return next(iter(runtime.predict(feed).values()))
+            return call
+
+        def to_numpy(y):
+            return y
+        out["runtime"] = f"{runtime.name} via optiserve, {common.THREADS} threads"
     else:
         import onnxruntime as ort
 
-        if variant == "c":
-            path = workdir / "plain" / "model.onnx"
-        else:
-            opt = json.loads((workdir / "optimize.json").read_text())
-            path = Path(opt["chosen_version"]["path"])
+        path = workdir / "plain" / "model.onnx"
         sess = common.ort_session(path)
         names = [i.name for i in sess.get_inputs()]
         out["file"] = str(path.name)
@@ -312,9 +341,9 @@ def make_chart(rows: dict, path: Path) -> None:
         ax.errorbar(x, p50, yerr=[np.zeros(len(keys)), np.subtract(p99, p50)], fmt="none",
                     ecolor="black", capsize=4, lw=1)
         for b, v in zip(bars, p50):
-            ax.annotate(f"{v:.1f}", (b.get_x() + b.get_width() / 2, v), ha="center",
-                        va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
-        ax.set_xticks(x, [f"{k}\n{VARIANTS[k].split(' (')[0]}" for k in keys], fontsize=7)
+            ax.text(b.get_x() + b.get_width() / 2, v / 2, f"{v:.1f}", ha="center",
+                    va="center", fontsize=8, color="white", fontweight="bold")
+        ax.set_xticks(x, [f"{k}. {SHORT[k]}" for k in keys], fontsize=8)
         ax.set_title(f"batch {bs}, seq {SEQ_LEN}")
         ax.set_ylabel("ms per call (bar p50, whisker p99)")
     fig.suptitle(f"all-MiniLM-L6-v2 latency, {common.THREADS} threads, CPU")
@@ -330,8 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--max-seconds", type=float, default=10.0,
                    help="cap on timed seconds per variant and batch size (default 10)")
-    p.add_argument("--opt-iterations", type=int, default=30,
-                   help="optiserve's timed calls per candidate and batch size (default 30)")
+    p.add_argument("--opt-iterations", type=int, default=20,
+                   help="optiserve's timed calls per candidate and batch size (default 20)")
     p.add_argument("--opt-warmup", type=int, default=3, help="optiserve's warm-up calls")
     p.add_argument("--keep", action="store_true", help="keep the temporary work folder")
     p.add_argument("--results", type=Path, default=common.RESULTS_DIR)
@@ -350,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=160)
+    console = Console(width=180)
     workdir = Path(tempfile.mkdtemp(prefix="optiserve-bench-minilm-"))
     t_all = time.perf_counter()
     stage_times = {}
@@ -358,16 +387,19 @@ def main(argv: list[str] | None = None) -> int:
         base = ["--workdir", str(workdir), "--max-seconds", str(a.max_seconds)]
         console.print(f"[bold]work folder[/] {workdir}")
         console.print("stage prepare: sentences, tokens, plain ONNX export ...")
-        stage_times["prepare"] = common.run_stage(SCRIPT, "--stage", "prepare", *base)
-        console.print("stage optimize: optiserve register + optimize ...")
-        stage_times["optimize"] = common.run_stage(
-            SCRIPT, "--stage", "optimize", *base, "--opt-iterations", str(a.opt_iterations),
-            "--opt-warmup", str(a.opt_warmup))
-        for v in VARIANTS:
-            console.print(f"stage variant {v}: {VARIANTS[v]} ...")
-            stage_times[f"variant_{v}"] = common.run_stage(
-                SCRIPT, "--stage", "variant", "--variant", v, *base)
-
+        log = workdir / "stages.log"
+        stage_times["prepare"] = common.run_stage(SCRIPT, "--stage", "prepare", *base, log=log)
+        stages = [("optimize", ["--stage", "optimize", *base, "--opt-iterations",
+                                str(a.opt_iterations), "--opt-warmup", str(a.opt_warmup)])]
+        stages += [(f"variant_{v}", ["--stage", "variant", "--variant", v, *base])
+                   for v in VARIANTS]
+        for name, args in stages:
+            quiet = common.wait_for_quiet(limit_s=10)
+            what = "optiserve register + optimize" if name == "optimize" \
+                else VARIANTS[name[-1]]
+            console.print(f"stage {name}: {what} (machine before: {quiet['other_cpu_busy']:.0%}"
+                          f" busy, waited {quiet['waited_s']} s) ...")
+            stage_times[name] = {**common.run_stage(SCRIPT, *args, log=log), "before": quiet}
         prep = json.loads((workdir / "prepare.json").read_text())
         opt = json.loads((workdir / "optimize.json").read_text())
         rows = {v: json.loads((workdir / f"variant_{v}.json").read_text()) for v in VARIANTS}
@@ -395,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_column("NN agree", justify="right")
     for bs in BATCH_SIZES:
         t.add_column(f"b{bs} p50/p99", justify="right")
-    t.add_column("b1 speed-up", justify="right")
+    t.add_column("speed-up vs a b1/b16/b32", justify="right")
     t.add_column("b32 sent/s", justify="right")
     for v, row in rows.items():
         q, lat = row["quality"], row["latency"]
@@ -403,16 +435,18 @@ def main(argv: list[str] | None = None) -> int:
                   f"{q['cos_mean']:.4f}", f"{q['cos_min']:.4f}", f"{q['nn_agreement']:.3f}",
                   *(f"{lat[f'batch_{b}']['p50_ms']:.1f} / {lat[f'batch_{b}']['p99_ms']:.1f}"
                     for b in BATCH_SIZES),
-                  f"{row['speedup_vs_a']['batch_1']:.2f}x",
+                  " / ".join(f"{row['speedup_vs_a'][f'batch_{b}']:.2f}"
+                             for b in BATCH_SIZES) + "x",
                   f"{lat['batch_32']['items_per_s']:.0f}")
     console.print(t)
     runs = ", ".join(f"{v}: " + "/".join(str(r["latency"][f"batch_{b}"]["runs"])
                                          for b in BATCH_SIZES) for v, r in rows.items())
     console.print(f"timed runs per batch size (b1/b16/b32) - {runs}")
 
-    ot = Table(title=f"optiserve's own candidates (its measurements, batch 1 decides; "
-               f"{opt['settings']['iterations']} iterations, status {opt['status']})")
-    for col in ("candidate", "size MB", "cosine mean", "cos min", "gate", "b1 p50 ms"):
+    ot = Table(title=f"optiserve's own candidates (its measurements, {opt['settings']['iterations']}"
+               f" calls per batch size; * = chosen; status {opt['status']})")
+    for col in ("candidate", "size MB", "cosine mean", "cos min", "gate",
+                *(f"b{b} p50 ms" for b in BATCH_SIZES)):
         ot.add_column(col)
     det = opt["details"]["details"]
     for i, c in enumerate([det["original"], *det["candidates"]]):
@@ -420,13 +454,22 @@ def main(argv: list[str] | None = None) -> int:
         ot.add_row(("* " if chosen else "") + c["label"], f"{c['size_mb']:.1f}",
                    f"{c['value']:.4f}", f"{c['metric_details'].get('cosine_min', 0):.4f}",
                    "-" if c["gate"] is None else ("pass" if c["gate"]["passed"] else "fail"),
-                   f"{c['latency']['batch_1']['p50_ms']:.2f}")
+                   *(f"{c['latency'][f'batch_{b}']['p50_ms']:.1f}" for b in BATCH_SIZES))
     console.print(ot)
     for note in det["notes"]:
         console.print(f"  optiserve note: {note}")
     for c in det["candidates"]:
-        for note in c["notes"]:
-            console.print(f"  {c['label']}: {note}")
+        if c["notes"]:  # notes accumulate along the chain: show each pass's own
+            console.print(f"  {c['label']}: {c['notes'][-1]}")
+
+    busy = {k: v["other_cpu_busy"] for k, v in stage_times.items()
+            if k != "prepare" and v["other_cpu_busy"] is not None}
+    console.print("other processes' share of the CPU during each timed stage: "
+                  + ", ".join(f"{k} {v:.0%}" for k, v in busy.items()))
+    if any(v > 0.10 for v in busy.values()):
+        console.print("[yellow]WARNING: other processes used more than 10% of the CPU during "
+                      "a timed stage; its latencies are inflated. Re-run on an idle machine."
+                      "[/]")
 
     # -- targets --------------------------------------------------------------------------
     d = rows["d"]
@@ -473,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         "variants": rows,
         "optiserve": opt,
         "targets": [{"target": n, "passed": ok, "detail": det_} for n, ok, det_ in checks],
-        "stage_seconds": {k: round(v, 1) for k, v in stage_times.items()},
+        "stages": stage_times,
         "total_seconds": round(total, 1),
         "sentences": json.loads(sentences) if sentences else None,
     }
@@ -481,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     make_chart(rows, a.results / "optimize_minilm.png")
     console.print(f"wrote {a.results / 'optimize_minilm.json'} and optimize_minilm.png "
                   f"(total {total:.0f} s; stages "
-                  + ", ".join(f"{k} {v:.0f} s" for k, v in stage_times.items()) + ")")
+                  + ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in stage_times.items()) + ")")
     return 0
 
 

@@ -68,11 +68,13 @@ def run_demo(console: Console, progress_bar, registry, *, minilm: bool = True,
 
     if minilm:
         with progress_bar("loading all-MiniLM-L6-v2") as update:
-            update("loading all-MiniLM-L6-v2 and tokenizing 256 sentences", 0)
+            update("loading all-MiniLM-L6-v2 and tokenizing 356 sentences", 0)
             module, tokenizer = models.minilm()
-            tokens = models.tokenize(tokenizer, corpus(256))
-            val = demo_dir / "minilm_validation.npz"
+            sentences = corpus(356)  # 100 to calibrate INT8, 256 to validate: disjoint
+            tokens = models.tokenize(tokenizer, sentences[100:])
+            val, cal = demo_dir / "minilm_validation.npz", demo_dir / "minilm_calibration.npz"
             np.savez(val, **tokens)
+            np.savez(cal, **models.tokenize(tokenizer, sentences[:100]))
             update("tracing all-MiniLM-L6-v2", 0)
             import torch
 
@@ -86,6 +88,7 @@ def run_demo(console: Console, progress_bar, registry, *, minilm: bool = True,
                               "openvino"],
             "quantization_config": {"method": "dynamic", "precision": "int8"},
             "validation_dataset": {"source": "file", "path": str(val)},
+            "calibration_dataset": {"source": "file", "path": str(cal)},
             "accuracy_threshold": 0.99, "iterations": 100, "warmup": 10})
 
     if cnn:

@@ -88,7 +88,7 @@ class Optimizer:
     # -- the tree of candidates ---------------------------------------------------------
     def chain(self, original: Artifact) -> list[str]:
         names = list(self.request.optimizations)
-        classes = [get_pass(n) for n in names]  # unknown names fail before any work
+        classes = [get_pass(n) for n in names]
         if names and classes[0].needs_onnx and original.format != "onnx" \
                 and "onnx_conversion" not in names:
             names.insert(0, "onnx_conversion")
@@ -112,7 +112,7 @@ class Optimizer:
         for step, name in enumerate(names):
             branching = get_pass(name).branches
             nxt, skipped, made_before = [], [], len(made)
-            for node in (made if branching else frontier):
+            for node in (list(made) if branching else frontier):
                 for i, config in enumerate(plans[name]):
                     if self._out_of_time():
                         return
@@ -165,7 +165,7 @@ class Optimizer:
         except OptiserveError as exc:
             self.registry.finish_run(run_id, "failed", error=str(exc))
             raise
-        except Exception as exc:
+        except BaseException as exc:  # a bug or Ctrl-C: the run must not stay "running"
             self.registry.finish_run(run_id, "failed", error=f"{type(exc).__name__}: {exc}")
             raise
         self.registry.finish_run(run_id, result.status, report=result.details())
