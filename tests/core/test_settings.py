@@ -111,3 +111,17 @@ def test_settings_are_frozen():
     with pytest.raises(ValidationError, match="frozen"):
         s.onnx_opset_version = 18
     assert s.onnx_opset_version == 17
+
+
+def test_only_documented_variables_are_read(monkeypatch):
+    """A field's own name is not a variable: $HOME, $DATABASE_URL, $THREADS must not leak in."""
+    from optiserve.core.settings import load_settings
+
+    monkeypatch.delenv("OPTISERVE_HOME")
+    monkeypatch.setenv("HOME", "/somewhere/else")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://leak@host/db")
+    monkeypatch.setenv("THREADS", "77")
+    s = load_settings()
+    assert str(s.home) == ".optiserve"
+    assert s.database_url is None and s.threads != 77
+    assert load_settings(threads=3).threads == 3  # overrides by field name still work

@@ -24,7 +24,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Make a trained model smaller, faster and served.")
 models_app = typer.Typer(no_args_is_help=True, help="Registered models and their versions.")
 app.add_typer(models_app, name="models")
-console = Console()
+# Piped or logged output gets room for the candidate tables instead of 80 columns.
+console = Console() if sys.stdout.isatty() else Console(width=160)
 err = Console(stderr=True)
 
 

@@ -11,7 +11,7 @@ import os
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from optiserve.core.errors import ConfigError, UnknownNameError
@@ -23,7 +23,9 @@ DEMO_SOURCE = "demo"
 class Settings(BaseSettings):
     """The effective configuration. `optiserve config` prints it."""
 
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+    # Only the documented variable names are read: no populate_by_name, or pydantic-settings
+    # would also read each field's own name ($HOME into `home`, $DATABASE_URL, $THREADS).
+    model_config = SettingsConfigDict(extra="ignore", frozen=True)
 
     optimization_max_time_minutes: float = Field(
         30, gt=0, validation_alias="OPTIMIZATION_MAX_TIME_MINUTES",
@@ -42,7 +44,7 @@ class Settings(BaseSettings):
         description="Opset used when converting models to ONNX.",
     )
     home: Path = Field(
-        Path(".optiserve"), validation_alias=AliasChoices("OPTISERVE_HOME"),
+        Path(".optiserve"), validation_alias="OPTISERVE_HOME",
         description="Folder for the embedded defaults: SQLite registry, artifacts, demo data.",
     )
     database_url: str | None = Field(
@@ -139,11 +141,13 @@ def _hide_password(url: str) -> str:
 
 
 def load_settings(**overrides: object) -> Settings:
-    """Read the environment; turn pydantic's validation errors into one readable ConfigError."""
+    """Read the environment; turn pydantic's validation errors into one readable ConfigError.
+    Overrides use field names (threads=1)."""
     from pydantic import ValidationError
 
+    aliases = {name: f.validation_alias for name, f in Settings.model_fields.items()}
     try:
-        return Settings(**overrides)
+        return Settings(**{aliases.get(k) or k: v for k, v in overrides.items()})
     except ValidationError as exc:
         err = exc.errors()[0]
         where = err.get("loc", ("?",))[0]
