@@ -36,12 +36,9 @@ def register(name: str, model: Any, *, registry: Registry | None = None,
             imported = import_file(model, input_specs=inputs)
         else:
             imported = import_object(model, Path(tmp), example_inputs=example_inputs)
-        stored = Path(tmp) / f"model{EXTENSIONS[imported.format]}"
-        if imported.path != stored:
-            stored.write_bytes(Path(imported.path).read_bytes())
-        return registry.add_version(name, stored, framework=imported.framework,
+        return registry.add_version(name, imported.path, framework=imported.framework,
                                     format=imported.format, signature=imported.signature,
-                                    meta=imported.meta)
+                                    meta=imported.meta, suffix=EXTENSIONS[imported.format])
 
 
 def parse_request(body: dict[str, Any] | OptimizeRequest) -> OptimizeRequest:

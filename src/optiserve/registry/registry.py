@@ -129,10 +129,12 @@ class Registry:
     def add_version(self, name: str, path: str | Path, *, framework: str, format: str,
                     signature: Signature, parent: int | None = None,
                     passes: list[dict] | None = None, metrics: dict | None = None,
-                    meta: dict | None = None, status: str = "ready") -> VersionInfo:
-        """Store `path` as the next version of `name` (created if new). All or nothing."""
+                    meta: dict | None = None, status: str = "ready",
+                    suffix: str | None = None) -> VersionInfo:
+        """Store `path` as the next version of `name` (created if new). All or nothing.
+        The stored file gets `suffix` (default: the path's own)."""
         check_model_name(name)
-        suffix = Path(path).suffix or f".{format}"
+        suffix = suffix or Path(path).suffix or f".{format}"
         uri, sha, size = self.store.put(path, suffix)
         try:
             for attempt in range(8):
