@@ -71,6 +71,9 @@ def benchmark(model_id: str, *, batch_sizes: list[int] = (1, 16, 32, 64),
     registry = registry or Registry()
     if any(b < 1 for b in batch_sizes) or not batch_sizes:
         raise ConfigError(f"Batch sizes {list(batch_sizes)} must be positive integers.")
+    if iterations < 1 or warmup < 0:
+        raise ConfigError(f"iterations={iterations}, warmup={warmup}: need at least 1 timed "
+                          "call and no negative warmup.")
     version = registry.resolve(model_id)
     if dataset is not None:
         spec = dataset if isinstance(dataset, DatasetSpec) else DatasetSpec(**dataset)

@@ -124,3 +124,23 @@ def test_gate_with_zero_original():
 def test_gate_identical_candidate_passes_for_negative_metric():
     original = Evaluation("regression", "r2", -0.5, 100)
     assert gate(original, original, 0.99).passed
+
+
+def test_similarity_of_label_only_outputs_is_label_agreement():
+    from optiserve.data.metrics import evaluate
+
+    ref = {"label": np.array([0, 1, 0, 1])}
+    out = {"label": np.array([1, 0, 0, 1])}
+    ev = evaluate(out, None, ref, "similarity")
+    assert ev.metric == "agreement_with_original" and ev.value == 0.5
+    assert ev.details["disagreements"] == 2
+
+
+def test_similarity_of_scalar_outputs_is_r2_not_a_sign_test():
+    from optiserve.data.metrics import evaluate
+
+    ref = {"variable": np.array([[1.0], [2.0], [3.0], [4.0]])}
+    far = {"variable": np.array([[4.0], [3.0], [2.0], [1.0]])}  # same signs, all wrong
+    ev = evaluate(far, None, ref, "similarity")
+    assert ev.metric == "r2_vs_original" and ev.value < 0
+    assert evaluate(ref, None, ref, "similarity").value == 1.0

@@ -12,7 +12,7 @@ from optiserve.core.errors import DatasetError, SQLRefusedError, UnknownNameErro
 from optiserve.core.settings import load_settings
 from optiserve.data.sources import DatasetSpec, read
 from optiserve.data.sql import _sqlite_readonly, check_select
-from optiserve.demo.churn_data import FEATURES, LABEL
+from optiserve.data.demo_source import FEATURES, LABEL
 
 DEMO_QUERY = "SELECT * FROM ml_features.customer_churn LIMIT 100"
 
@@ -187,3 +187,19 @@ def test_postgres_source_is_read_only(pg_url, monkeypatch, settings):
         with engine.begin() as conn:
             conn.execute(text("DROP TABLE IF EXISTS readings"))
         engine.dispose()
+
+
+def test_a_user_database_named_demo_is_never_written(settings, mydb, monkeypatch):
+    """Only the built-in demo database is created on first use; a user's URL is read-only."""
+    from sqlalchemy import create_engine, inspect
+
+    from optiserve.core.errors import DatasetError
+    from optiserve.core.settings import load_settings
+    from optiserve.data.sources import DatasetSpec, read
+
+    url = str(mydb) if str(mydb).startswith("sqlite") else f"sqlite:///{mydb}"
+    monkeypatch.setenv("OPTISERVE_DATA_SOURCE_DEMO", url)
+    spec = DatasetSpec(source="sql", query="SELECT * FROM ml_features.customer_churn")
+    with pytest.raises(DatasetError):
+        read(spec, load_settings())
+    assert "ml_features" not in inspect(create_engine(url)).get_schema_names()

@@ -119,3 +119,31 @@ def test_time_limit_before_any_candidate_is_a_timeout(monkeypatch):
                                iterations=2, warmup=0)
     finally:
         registry.close()
+
+
+def test_onnx_pass_before_conversion_is_skipped_not_crashed(sqlite_registry, tmp_path):
+    """Passes that need ONNX skip non-ONNX nodes whatever order they were asked in."""
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    x = np.random.default_rng(0).standard_normal((60, 4))
+    est = sklearn.LinearRegression().fit(x, x @ np.arange(4.0))
+    optiserve.register("lin", est, registry=sqlite_registry)
+    result = optiserve.optimize("lin", registry=sqlite_registry,
+                                optimizations=["quantization", "onnx_conversion"],
+                                accuracy_threshold=0.9, iterations=5, warmup=1)
+    assert [c.artifact.label for c in result.candidates] == ["onnx_conversion"]
+    assert any("quantization skipped on original: it works on ONNX" in n for n in result.notes)
+    # no labels: a regressor is compared with R² against the original, not a sign test
+    assert result.original.evaluation.metric == "r2_vs_original"
+
+
+def test_empty_validation_data_is_a_dataset_error(sqlite_registry, linear, tmp_path):
+    path = tmp_path / "empty.npz"
+    np.savez(path, x=np.zeros((0, 4), np.float32))
+    with pytest.raises(DatasetError, match="no rows"):
+        optiserve.optimize("lin", registry=sqlite_registry, optimizations=["quantization"],
+                           validation_dataset={"source": "file", "path": str(path)})
+
+
+def test_benchmark_needs_one_timed_call(sqlite_registry, linear):
+    with pytest.raises(ConfigError, match="iterations=0"):
+        optiserve.benchmark("lin", registry=sqlite_registry, iterations=0)

@@ -9,7 +9,7 @@ import pytest
 
 import optiserve
 from optiserve.data.sources import DatasetSpec, read
-from optiserve.demo.churn_data import FEATURES, LABEL
+from optiserve.data.demo_source import FEATURES, LABEL
 from tests.builders import write_csv
 
 pytestmark = pytest.mark.integration

@@ -33,7 +33,7 @@ def _memory_files(url: str) -> list[str]:
 
 
 def test_local_put_is_content_addressed(tmp_path):
-    store = ArtifactStore(str(tmp_path / "store"))
+    store = ArtifactStore(str(tmp_path / "store"), cache_dir=tmp_path / "cache")
     src = save_onnx(linear_onnx(), tmp_path / "m.onnx")
     uri, sha, size = store.put(src, ".onnx")
     assert sha == hashlib.sha256(src.read_bytes()).hexdigest() and size == src.stat().st_size
@@ -93,3 +93,20 @@ def test_memory_store_failed_insert_leaves_no_object(settings, registry_url, tmp
         assert reg.models() == []
     finally:
         reg.close()
+
+
+def test_remote_cache_is_checked_by_hash(tmp_path, memory_url):
+    """A file planted in the local cache under an artifact's hash is not trusted."""
+    from optiserve.core.errors import ModelLoadError
+
+    store = ArtifactStore(memory_url, cache_dir=tmp_path / "cache")
+    src = save_onnx(linear_onnx(), tmp_path / "m.onnx")
+    uri, sha, _ = store.put(src, ".onnx")
+    first = store.local_path(uri, sha)
+    first.write_bytes(b"planted")  # tampered cache entry
+    again = store.local_path(uri, sha)
+    assert sha256_file(again)[0] == sha  # fetched anew from the store
+    fsspec.filesystem("memory").pipe_file(uri.split("://", 1)[1], b"changed")
+    again.unlink()
+    with pytest.raises(ModelLoadError, match="does not match its sha256"):
+        store.local_path(uri, sha)

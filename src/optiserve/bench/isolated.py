@@ -33,9 +33,13 @@ def benchmark_isolated(path: Path, signature: Signature, *, format: str, threads
                "signature": signature.model_dump(mode="json"), "batch_sizes": sorted(inputs),
                "inputs": str(Path(tmp) / "inputs.npz")}
         (Path(tmp) / "job.json").write_text(json.dumps(job))
-        proc = subprocess.run([sys.executable, "-m", "optiserve.bench.worker",
-                               str(Path(tmp) / "job.json")], capture_output=True, text=True,
-                              timeout=timeout_s)
+        try:
+            proc = subprocess.run([sys.executable, "-m", "optiserve.bench.worker",
+                                   str(Path(tmp) / "job.json")], capture_output=True, text=True,
+                                  timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise OptiserveError(f"Benchmarking {path.name} took longer than {timeout_s:.0f} s.",
+                                 hint="Lower --iterations or the batch sizes.") from None
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise OptiserveError(f"Benchmarking {path.name} in a separate process failed: {tail}")

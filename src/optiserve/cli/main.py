@@ -127,7 +127,9 @@ def optimize(
         configs.setdefault(pname, {})[option] = parsed
     spec = parse_spec(sql=validation_sql, path=validation_file, label=label_column,
                       data_source=data_source)
-    body = {"model_id": model, "optimizations": _csv(opt), "quantization_config": quant,
+    passes = _csv(opt)
+    body = {"model_id": model, "optimizations": passes,
+            "quantization_config": quant if "quantization" in passes else None,
             "pass_configs": configs, "accuracy_threshold": threshold,
             "validation_dataset": spec.model_dump() if spec else None,
             "batch_sizes": _ints(batch_sizes, "--batch-sizes"), "iterations": iterations,

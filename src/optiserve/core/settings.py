@@ -86,9 +86,14 @@ class Settings(BaseSettings):
     def artifacts_location(self) -> str:
         return self.artifact_url or str((self.home / "artifacts").resolve())
 
+    @property
+    def builtin_demo_url(self) -> str:
+        """The synthetic churn database optiserve creates itself (see data/demo_source.py)."""
+        return f"sqlite:///{(self.home / 'demo' / 'demo.db').resolve()}"
+
     def data_sources(self) -> dict[str, str]:
         """Named SQL data sources: OPTISERVE_DATA_SOURCE_<NAME>=<url>, plus the built-in demo."""
-        sources = {DEMO_SOURCE: f"sqlite:///{(self.home / 'demo' / 'demo.db').resolve()}"}
+        sources = {DEMO_SOURCE: self.builtin_demo_url}
         for key, value in os.environ.items():
             if key.startswith(DATA_SOURCE_PREFIX) and value:
                 sources[key[len(DATA_SOURCE_PREFIX):].lower()] = value

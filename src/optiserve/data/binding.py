@@ -54,6 +54,9 @@ def bind(columns: dict[str, np.ndarray], signature: Signature, *, label_column: 
             f"The model takes inputs {names}; the validation data lacks {missing}.",
             hint=f"Columns/arrays found: {', '.join(sorted(columns))}.")
     lengths = {len(v) for v in inputs.values()} | ({len(labels)} if labels is not None else set())
+    if 0 in lengths:
+        raise DatasetError("The validation data has no rows.",
+                           hint="Give at least one row (more rows make the gate meaningful).")
     if len(lengths) != 1:
         raise SignatureMismatchError(f"Inputs and labels have different row counts {lengths}.")
     return Dataset(inputs=inputs, labels=labels, description=description)

@@ -92,8 +92,21 @@ def evaluate(outputs: Outputs, labels: np.ndarray | None, reference: Outputs,
              task: str) -> Evaluation:
     n = len(next(iter(outputs.values())))
     if task == "similarity":
-        ref = next(iter(reference.values()))
-        out = outputs.get(next(iter(reference)), next(iter(outputs.values())))
+        if "label" in reference and "label" in outputs:  # a classifier: same labels?
+            same = _same(np.asarray(outputs["label"]).ravel(),
+                         np.asarray(reference["label"]).ravel())
+            return Evaluation(task, "agreement_with_original", float(same.mean()), n,
+                              {"disagreements": int((~same).sum())})
+        key = next((k for k in ("probabilities", "variable") if k in reference),
+                   next(iter(reference)))
+        ref = np.asarray(reference[key], np.float64)
+        out = np.asarray(outputs.get(key, next(iter(outputs.values()))), np.float64)
+        if ref.shape[0] == out.shape[0] and ref.size == ref.shape[0] == out.size:
+            # one number per row (a regressor): cosine of 1-element rows is only a sign test
+            ss = float(((ref - ref.mean()) ** 2).sum()) or 1e-30
+            r2 = 1 - float(((out - ref) ** 2).sum()) / ss
+            return Evaluation(task, "r2_vs_original", r2, n,
+                              {"max_abs_diff": float(np.abs(out - ref).max())})
         if ref.shape[0] != out.shape[0] or ref[0].size != out[0].size:
             raise DatasetError(f"Outputs of shape {list(out.shape)} cannot be compared with "
                                f"the original's {list(ref.shape)}.")

@@ -45,8 +45,8 @@ def read(spec: DatasetSpec, settings: Settings, *, base_dir: Path | None = None)
         from optiserve.data.sql import read_sql
 
         name, url = settings.data_source_url(spec.data_source)
-        if name == "demo":
-            from optiserve.demo.churn_data import ensure_demo_source
+        if url == settings.builtin_demo_url:  # created on first use; never a user's database
+            from optiserve.data.demo_source import ensure_demo_source
 
             ensure_demo_source(url)
         return read_sql(url, spec.query or "", max_rows=settings.sql_max_rows,

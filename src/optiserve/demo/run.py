@@ -20,7 +20,8 @@ from rich.table import Table
 from optiserve.api import optimize, register
 from optiserve.cli import render
 from optiserve.core.errors import GateFailedError
-from optiserve.demo import churn_data, models
+from optiserve.data import demo_source as churn_data
+from optiserve.demo import models
 from optiserve.demo.sentences import corpus
 
 SEED_REQUEST = {
@@ -51,9 +52,7 @@ def run_demo(console: Console, progress_bar, registry, *, minilm: bool = True,
         render.report(console, result)
         results.append(result)
 
-    # 1. churn, with the seed's request
-    _, url = registry.settings.data_source_url("demo")
-    churn_data.ensure_demo_source(url)
+    # 1. churn, with the seed's request (its SQL source is created on first read)
     data = churn_data.generate()
     with progress_bar("training the churn model") as update:
         update("training a 200-tree random forest on synthetic churn data", 0)

@@ -100,8 +100,7 @@ class OptimizationResult:
 
 def build_report(*, run_id: str, status: str, source: VersionInfo, original: Candidate,
                  candidates: list[Candidate], chosen: Candidate, threshold: float,
-                 batch_size: int, notes: list[str], dataset: str, threads: int,
-                 timed_out: bool) -> OptimizationResult:
+                 batch_size: int, notes: list[str], dataset: str, threads: int) -> OptimizationResult:
     before, after = original.summary(batch_size), chosen.summary(batch_size)
     change = after["accuracy"] - before["accuracy"]
     response = {
@@ -117,8 +116,6 @@ def build_report(*, run_id: str, status: str, source: VersionInfo, original: Can
         },
         "artifact_id": chosen.version.artifact_id if chosen.version else None,
     }
-    if timed_out:
-        notes = [*notes, "timeout: the run hit its time limit"]
     return OptimizationResult(response=response, run_id=run_id, status=status,
                               original=original, candidates=candidates, chosen=chosen,
                               threshold=threshold, batch_size=batch_size, dataset=dataset,

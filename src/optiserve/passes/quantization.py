@@ -18,8 +18,6 @@ from optiserve.convert.onnx_io import check
 from optiserve.core.errors import ConfigError
 from optiserve.passes.base import Artifact, Pass, PassContext, PassSkipped
 
-QUANTIZABLE = {"MatMul", "Gemm", "Conv", "Attention", "LSTM", "GRU", "EmbedLayerNormalization",
-               "Gather"}
 _COMPUTE = {"MatMul", "Gemm", "Conv", "Attention", "LSTM", "GRU"}
 
 

@@ -97,7 +97,8 @@ class Registry:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
-        self.store = ArtifactStore(artifact_url or self.settings.artifacts_location)
+        self.store = ArtifactStore(artifact_url or self.settings.artifacts_location,
+                                   cache_dir=self.settings.home / "artifact-cache")
         self._migrate()
 
     # -- schema ---------------------------------------------------------------------------

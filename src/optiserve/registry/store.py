@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from optiserve.core.deps import require
+from optiserve.core.errors import ModelLoadError
 
 _CHUNK = 1 << 20
 
@@ -30,10 +31,10 @@ def sha256_file(path: str | Path) -> tuple[str, int]:
 class ArtifactStore:
     """Put, fetch and delete artifact files by content hash."""
 
-    def __init__(self, location: str):
+    def __init__(self, location: str, cache_dir: Path):
         self.location = location
         self._local = "://" not in location or location.startswith("file://")
-        self._cache = Path(tempfile.gettempdir()) / "optiserve-artifact-cache"
+        self._cache = cache_dir  # remote artifacts are fetched here, checked by sha256
         if self._local:
             self.root = Path(location.removeprefix("file://"))
             self.root.mkdir(parents=True, exist_ok=True)
@@ -71,11 +72,16 @@ class ArtifactStore:
         if self._local:
             return Path(uri)
         target = self._cache / sha[:2] / (sha + Path(uri).suffix)
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(target.suffix + ".part")
-            self.fs.get_file(uri.split("://", 1)[1], str(tmp))
-            os.replace(tmp, target)
+        if target.exists() and sha256_file(target)[0] == sha:
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(target.suffix + ".part")
+        self.fs.get_file(uri.split("://", 1)[1], str(tmp))
+        if sha256_file(tmp)[0] != sha:
+            os.unlink(tmp)
+            raise ModelLoadError(uri, "the stored artifact does not match its sha256",
+                                 hint="The artifact store was changed outside optiserve.")
+        os.replace(tmp, target)
         return target
 
     def delete(self, uri: str) -> None:

@@ -1,4 +1,5 @@
-"""A synthetic, seeded customer-churn table for the built-in `demo` data source.
+"""A synthetic, seeded customer-churn table for the built-in `demo` data source (created by
+optiserve under OPTISERVE_HOME on first use; a user's own database is never written to).
 
 The data is made up (documented generator, fixed seed): churn rises with short tenure, high
 monthly charges, month-to-month contracts, support calls and late payments. It exists so the
