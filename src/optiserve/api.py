@@ -12,8 +12,7 @@ from optiserve.bench.latency import benchmark_runtime, seed_json
 from optiserve.convert.detect import EXTENSIONS, import_file, import_object
 from optiserve.convert.torch import example_arrays
 from optiserve.core.errors import ConfigError
-from optiserve.data.binding import bind
-from optiserve.data.sources import DatasetSpec, read
+from optiserve.data.sources import DatasetSpec, load
 from optiserve.optimizer.pipeline import Progress
 from optiserve.optimizer.pipeline import optimize as _optimize
 from optiserve.optimizer.report import OptimizationResult
@@ -77,10 +76,8 @@ def benchmark(model_id: str, *, batch_sizes: list[int] = (1, 16, 32, 64),
     version = registry.resolve(model_id)
     if dataset is not None:
         spec = dataset if isinstance(dataset, DatasetSpec) else DatasetSpec(**dataset)
-        data = bind(read(spec, registry.settings), version.signature,
-                    label_column=spec.label_column,
-                    feature_names=version.meta.get("feature_names"))
-        take = data.take
+        take = load(spec, version.signature, registry.settings,
+                    feature_names=version.meta.get("feature_names")).take
     else:
         take = lambda bs: example_arrays(version.signature.inputs, batch=bs)  # noqa: E731
     runtime = load_runtime(registry.path(version), version.signature, format=version.format,

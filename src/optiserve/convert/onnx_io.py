@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 
 from optiserve.convert.detect import Imported
-from optiserve.core.errors import ModelLoadError
+from optiserve.core.errors import ModelLoadError, first_line
 from optiserve.core.types import Signature, TensorSpec
 
 META_PREFIX = "optiserve."
@@ -55,7 +55,7 @@ def check(path: Path) -> onnx.ModelProto:
         onnx.checker.check_model(str(path))
         return onnx.load(str(path))
     except Exception as exc:  # onnx raises several unrelated types for bad files
-        raise ModelLoadError(str(path), f"it is not a valid ONNX model ({_first_line(exc)})",
+        raise ModelLoadError(str(path), f"it is not a valid ONNX model ({first_line(exc, 200)})",
                              hint="Re-export the model; `onnx.checker.check_model` must "
                              "accept it.") from None
 
@@ -70,7 +70,7 @@ def check_runs(path: Path) -> None:
         ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types per failure
         raise ModelLoadError(str(path), f"ONNX Runtime {ort.__version__} cannot open it "
-                             f"({_first_line(exc)})", hint="Re-export with an opset and IR "
+                             f"({first_line(exc, 200)})", hint="Re-export with an opset and IR "
                              "version this ONNX Runtime supports (see ONNX_OPSET_VERSION).") \
             from None
 
@@ -88,7 +88,3 @@ def import_onnx_proto(model: onnx.ModelProto, workdir: Path) -> Imported:
     onnx.save(model, str(path))
     return import_onnx(path)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__

@@ -15,7 +15,7 @@ import numpy as np
 
 from optiserve.convert.detect import Imported
 from optiserve.core.deps import require
-from optiserve.core.errors import ConversionError, ModelLoadError
+from optiserve.core.errors import ConversionError, ModelLoadError, first_line
 from optiserve.core.types import Signature, TensorSpec
 
 
@@ -102,7 +102,7 @@ def to_onnx(est: Any, n_features: int, *, dtype: str, opset: int):
     except Exception as exc:  # skl2onnx raises RuntimeError/NameError/... for unsupported parts
         raise ConversionError(
             f"skl2onnx cannot convert {type(est).__name__} with dtype {dtype}: "
-            f"{str(exc).splitlines()[0][:300]}",
+            f"{first_line(exc)}",
             hint="Try dtype float32, or replace the unsupported step.") from None
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from optiserve.convert.detect import Imported
 from optiserve.core.deps import require
-from optiserve.core.errors import ConfigError, ConversionError, ModelLoadError
+from optiserve.core.errors import ConfigError, ConversionError, ModelLoadError, first_line
 from optiserve.core.types import Signature, TensorSpec
 
 _SPEC = re.compile(r"^\s*(\w+)\s*:\s*(\w+)\s*\[([-\d,\s]*)\]\s*$")
@@ -155,7 +155,7 @@ def import_torch_file(path: Path, fmt: str, *, input_specs: list | None = None) 
         else:
             module = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
-        raise ModelLoadError(str(path), f"torch cannot load it ({str(exc).splitlines()[0]})",
+        raise ModelLoadError(str(path), f"torch cannot load it ({first_line(exc)})",
                              hint="Re-save it with torch.jit.save or torch.export.save.") from None
     if fmt == "pt2":
         return Imported(path=path, format="pt2", signature=_program_signature(program))
@@ -171,7 +171,7 @@ def import_torch_file(path: Path, fmt: str, *, input_specs: list | None = None) 
             outputs = module(*(torch.from_numpy(sample[s.name]) for s in specs))
         except Exception as exc:
             raise ModelLoadError(str(path), "it fails on inputs of the declared shapes "
-                                 f"({str(exc).splitlines()[0][:200]})",
+                                 f"({first_line(exc, 200)})",
                                  hint="Check the --input specs.") from None
     return Imported(path=path, format="torchscript",
                     signature=Signature(inputs=specs, outputs=_output_specs(outputs)))
@@ -240,7 +240,7 @@ def to_onnx(path: Path, fmt: str, signature: Signature, sample: dict[str, np.nda
                     prog.save(str(out), external_data=False)
             return how
         except Exception as exc:  # exporters raise many types; collect and report them all
-            errors.append(f"{how}: {str(exc).strip().splitlines()[0][:300]}")
+            errors.append(f"{how}: {first_line(exc)}")
     raise ConversionError("torch.onnx.export failed: " + " | ".join(errors),
                           hint="Check that the model traces with the example inputs, or pick "
                           "another exporter (exporter: dynamo | torchscript).")

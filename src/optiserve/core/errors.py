@@ -7,6 +7,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:limit] if lines else type(exc).__name__
+
+
 class OptiserveError(Exception):
     """Root of every error a user can cause or fix. Never raised for our own bugs."""
 

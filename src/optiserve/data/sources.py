@@ -10,8 +10,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from optiserve.core.deps import require
-from optiserve.core.errors import ConfigError, DatasetError
+from optiserve.core.errors import ConfigError, DatasetError, first_line
 from optiserve.core.settings import Settings
+from optiserve.data.binding import Dataset, bind
 
 Columns = dict[str, np.ndarray]
 
@@ -67,7 +68,7 @@ def read(spec: DatasetSpec, settings: Settings, *, base_dir: Path | None = None)
     except DatasetError:
         raise
     except Exception as exc:  # parsers raise many types for malformed files
-        raise DatasetError(f"Cannot read '{path}': {str(exc).splitlines()[0][:200]}",
+        raise DatasetError(f"Cannot read '{path}': {first_line(exc, 200)}",
                            hint=f"Check that it is a valid {suffix[1:]} file.") from None
 
 
@@ -98,6 +99,15 @@ def _parquet(path: Path) -> Columns:
 def _npz(path: Path) -> Columns:
     with np.load(path, allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
+
+
+def load(spec: DatasetSpec, signature, settings: Settings, *, feature_names=None,
+         role: str = "") -> Dataset:
+    """Read a spec and bind it to a model's signature: the one way data reaches a model."""
+    where = spec.query if spec.source == "sql" else spec.path
+    return bind(read(spec, settings), signature, label_column=spec.label_column,
+                feature_names=feature_names,
+                description=f"{role + ' ' if role else ''}{spec.source}: {where}")
 
 
 def parse_spec(*, sql: str | None, path: str | None, label: str | None,

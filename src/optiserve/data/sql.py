@@ -15,7 +15,7 @@ import numpy as np
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from optiserve.core.errors import DatasetError, SQLRefusedError
+from optiserve.core.errors import DatasetError, SQLRefusedError, first_line
 
 _WRITES = re.compile(
     r"\b(insert|update|delete|merge|drop|alter|create|truncate|grant|revoke|attach|detach|"
@@ -72,7 +72,7 @@ def read_sql(url: str, query: str, *, max_rows: int, timeout_s: float,
             rows = result.fetchmany(max_rows + 1)
             conn.rollback()
     except SQLAlchemyError as exc:
-        msg = str(getattr(exc, "orig", exc)).strip().splitlines()[0][:300]
+        msg = first_line(getattr(exc, "orig", exc))
         raise DatasetError(f"The query on data source '{source}' failed: {msg}",
                            hint="Check table and column names against the data source.") from None
     finally:

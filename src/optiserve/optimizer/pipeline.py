@@ -22,8 +22,8 @@ from optiserve.convert.torch import example_arrays
 from optiserve.core.errors import GateFailedError, OptimizationTimeout, OptiserveError
 from optiserve.core.settings import Settings
 from optiserve.data import metrics
-from optiserve.data.binding import Dataset, bind
-from optiserve.data.sources import read
+from optiserve.data.binding import Dataset
+from optiserve.data.sources import load
 from optiserve.optimizer.report import Candidate, OptimizationResult, build_report
 from optiserve.optimizer.request import OptimizeRequest
 from optiserve.optimizer.search import expand
@@ -41,11 +41,8 @@ def load_dataset(request: OptimizeRequest, version: VersionInfo, settings: Setti
     if spec is None:
         inputs = example_arrays(version.signature.inputs, batch=_SYNTHETIC_ROWS)
         return Dataset(inputs, None, f"{_SYNTHETIC_ROWS} synthetic rows (no validation data)")
-    columns = read(spec, settings)
-    where = spec.query if spec.source == "sql" else spec.path
-    return bind(columns, version.signature, label_column=spec.label_column,
-                feature_names=version.meta.get("feature_names"),
-                description=f"{spec.source}: {where}")
+    return load(spec, version.signature, settings,
+                feature_names=version.meta.get("feature_names"))
 
 
 class Optimizer:
@@ -60,6 +57,7 @@ class Optimizer:
         self.deadline = time.monotonic() + 60 * self.settings.optimization_max_time_minutes
         self.notes: list[str] = []
         self.timed_out = False
+        self.plans: dict[str, list] = {}
 
     # -- one candidate ------------------------------------------------------------------
     def measure(self, artifact: Artifact, dataset: Dataset, reference, task) -> Candidate:
@@ -102,7 +100,8 @@ class Optimizer:
         and its children are leaves."""
         configs = self.request.configs()
         names = self.chain(original)
-        plans = {n: expand(get_pass(n), configs.get(n)) for n in names}
+        plans = {n: self.plans[n] if n in self.plans else expand(get_pass(n), configs.get(n))
+                 for n in names}  # only an inserted onnx_conversion is new here
         unused = set(configs) - set(names)
         if unused:
             self.notes.append(f"options given for passes not requested: {sorted(unused)}")
@@ -158,8 +157,8 @@ class Optimizer:
     # -- the run ------------------------------------------------------------------------
     def run(self) -> OptimizationResult:
         configs = self.request.configs()
-        for name in self.request.optimizations:  # unknown names and options fail before work
-            expand(get_pass(name), configs.get(name))
+        # unknown names and options fail here, before any work; the plans are kept for the run
+        self.plans = {n: expand(get_pass(n), configs.get(n)) for n in self.request.optimizations}
         version = self.registry.resolve(self.request.model_id)
         dataset = load_dataset(self.request, version, self.settings)
         run_id = self.registry.start_run(version.model, self.request.model_dump(mode="json"))
@@ -240,10 +239,8 @@ class Optimizer:
         spec = self.request.calibration_dataset
         if spec is None:
             return dataset  # passes that calibrate say so in their notes
-        columns = read(spec, self.settings)
-        return bind(columns, version.signature, label_column=spec.label_column,
-                    feature_names=version.meta.get("feature_names"),
-                    description=f"calibration {spec.source}: {spec.query or spec.path}")
+        return load(spec, version.signature, self.settings,
+                    feature_names=version.meta.get("feature_names"), role="calibration")
 
     def _explain_parity(self, cand: Candidate, original: Candidate) -> None:
         differing = cand.parity.get("labels_differing", 0)

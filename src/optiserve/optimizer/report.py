@@ -10,9 +10,6 @@ from optiserve.data.metrics import Evaluation, GateResult
 from optiserve.passes.base import Artifact
 from optiserve.registry.registry import VersionInfo
 
-# artifact format -> the seed's "format" word
-SEED_FORMAT = {"pkl": "pkl", "onnx": "onnx", "torchscript": "torchscript", "pt2": "pt2",
-               "openvino": "openvino"}
 
 
 @dataclass
@@ -30,7 +27,7 @@ class Candidate:
 
     def summary(self, batch_size: int) -> dict[str, Any]:
         return {
-            "format": SEED_FORMAT.get(self.artifact.format, self.artifact.format),
+            "format": self.artifact.format,
             "size_mb": round(self.size_bytes / 1e6, 3),
             "latency_ms": round(self.latency[batch_size].p50_ms, 4),
             "accuracy": round(self.evaluation.value, 4),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from optiserve.core.errors import ModelLoadError
+from optiserve.core.errors import ModelLoadError, first_line
 from optiserve.runtimes.base import Runtime
 
 
@@ -23,9 +23,8 @@ class OnnxRuntime(Runtime):
             self.session = ort.InferenceSession(str(self.path), so,
                                                 providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception types per failure
-            raise ModelLoadError(str(self.path), "ONNX Runtime cannot open it ("
-                                 + (str(exc).strip().splitlines() or ["?"])[0][:300] + ")") \
-                from None
+            raise ModelLoadError(str(self.path),
+                                 f"ONNX Runtime cannot open it ({first_line(exc)})") from None
         self._types = {i.name: i.type for i in self.session.get_inputs()}
 
     def predict(self, inputs, outputs=None):
