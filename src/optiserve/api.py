@@ -8,7 +8,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from optiserve.bench.latency import benchmark_runtime, seed_json
+from optiserve.bench.isolated import benchmark_isolated
+from optiserve.bench.latency import seed_json
 from optiserve.convert.detect import EXTENSIONS, import_file, import_object
 from optiserve.convert.torch import example_arrays
 from optiserve.core.errors import ConfigError
@@ -18,15 +19,18 @@ from optiserve.optimizer.pipeline import optimize as _optimize
 from optiserve.optimizer.report import OptimizationResult
 from optiserve.optimizer.request import OptimizeRequest
 from optiserve.registry.registry import Registry, VersionInfo, check_model_name
-from optiserve.runtimes.base import load_runtime
+from optiserve.runtimes.base import runtime_for
 
 
 def register(name: str, model: Any, *, registry: Registry | None = None,
-             example_inputs: Any = None, inputs: list[str] | None = None) -> VersionInfo:
+             example_inputs: Any = None, inputs: list[str] | None = None,
+             label_column: str | None = None) -> VersionInfo:
     """Register a model file (path) or object (estimator, nn.Module, ...) as a new version.
 
     `example_inputs` is needed for an nn.Module (it is traced); `inputs` ('name:dtype[dims]')
-    for a TorchScript file, which does not record its input shapes.
+    for a TorchScript file, which does not record its input shapes. `label_column` names the
+    column that holds the labels in this model's data: validation data that has it is scored
+    on accuracy even when the request names no label column (the seed's request names none).
     """
     registry = registry or Registry()
     check_model_name(name)
@@ -35,9 +39,10 @@ def register(name: str, model: Any, *, registry: Registry | None = None,
             imported = import_file(model, input_specs=inputs)
         else:
             imported = import_object(model, Path(tmp), example_inputs=example_inputs)
+        meta = {**imported.meta, **({"label_column": label_column} if label_column else {})}
         return registry.add_version(name, imported.path, framework=imported.framework,
                                     format=imported.format, signature=imported.signature,
-                                    meta=imported.meta, suffix=EXTENSIONS[imported.format])
+                                    meta=meta, suffix=EXTENSIONS[imported.format])
 
 
 def parse_request(body: dict[str, Any] | OptimizeRequest) -> OptimizeRequest:
@@ -66,7 +71,9 @@ def benchmark(model_id: str, *, batch_sizes: list[int] = (1, 16, 32, 64),
               iterations: int = 1000, warmup: int = 100, registry: Registry | None = None,
               dataset: DatasetSpec | dict | None = None, max_seconds: float | None = None,
               progress=None) -> dict[str, Any]:
-    """Latency of a registered version in its own runtime, in the seed's benchmark shape."""
+    """Latency of a registered version in its own runtime, in the seed's benchmark shape.
+    Timed in a fresh process, like the optimizer's candidates, so nothing loaded in the
+    caller (torch's spinning OpenMP workers, a server's threads) disturbs the numbers."""
     registry = registry or Registry()
     if any(b < 1 for b in batch_sizes) or not batch_sizes:
         raise ConfigError(f"Batch sizes {list(batch_sizes)} must be positive integers.")
@@ -80,13 +87,16 @@ def benchmark(model_id: str, *, batch_sizes: list[int] = (1, 16, 32, 64),
                     feature_names=version.meta.get("feature_names")).take
     else:
         take = lambda bs: example_arrays(version.signature.inputs, batch=bs)  # noqa: E731
-    runtime = load_runtime(registry.path(version), version.signature, format=version.format,
-                           threads=registry.settings.threads)
-    with runtime:
-        outputs = ["label"] if any(o.name == "label" for o in version.signature.outputs) else None
-        results = benchmark_runtime(runtime, take, list(batch_sizes), warmup=warmup,
-                                    iterations=iterations, max_seconds=max_seconds,
-                                    outputs=outputs, progress=progress)
+    outputs = ["label"] if any(o.name == "label" for o in version.signature.outputs) else None
+    results: dict = {}
+    for bs in batch_sizes:  # one size per child, so the progress bar moves
+        timed, _ = benchmark_isolated(
+            registry.path(version), version.signature, format=version.format,
+            threads=registry.settings.threads, inputs={bs: take(bs)}, warmup=warmup,
+            iterations=iterations, max_seconds=max_seconds, outputs=outputs)
+        results.update(timed)
+        if progress:
+            progress(bs)
     return {"model_id": version.model, "version": version.version, "format": version.format,
-            "runtime": runtime.name, "threads": registry.settings.threads,
+            "runtime": runtime_for(version.format), "threads": registry.settings.threads,
             **seed_json(results, iterations=iterations, warmup=warmup)}

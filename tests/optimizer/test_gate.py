@@ -40,8 +40,8 @@ def test_threshold_one_rejects_quantization(registry, mlp):
     assert rejected.status == "rejected" and rejected.parent == 1
     assert rejected.passes[0]["name"] == "quantization"
     assert registry.get("mlp").version == 1  # users still get the original
-    assert registry.run(report.run_id)["status"] == "rejected"
-    assert registry.run(report.run_id)["report"]["status"] == "rejected"
+    assert registry.runs.get(report.run_id)["status"] == "rejected"
+    assert registry.runs.get(report.run_id)["report"]["status"] == "rejected"
     assert any("measuring the original" in m for m in progress)
 
 

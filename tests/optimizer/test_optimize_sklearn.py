@@ -70,7 +70,7 @@ def test_forest_with_csv_validation(sqlite_registry, forest, forest_version, bre
     # Quantization (a default pass) has nothing to do on trees; the report says so.
     assert any("quantization skipped" in n and "TreeEnsembleClassifier" in n
                for n in details["notes"])
-    run = sqlite_registry.run(response["optimization_id"])
+    run = sqlite_registry.runs.get(response["optimization_id"])
     assert run["status"] == "completed" and run["report"]["status"] == "completed"
     assert run["report"]["details"]["version"] == 2
 

@@ -164,15 +164,18 @@ def test_failed_insert_keeps_a_file_another_version_uses(settings, registry, reg
 
 
 def test_optimization_runs_round_trip(registry):
-    run_id = registry.start_run("m", {"model_id": "m", "optimizations": ["quantization"]})
-    assert registry.run(run_id)["status"] == "running"
-    registry.finish_run(run_id, "completed", report={"status": "completed", "n": 3})
-    row = registry.run(run_id)
+    run_id = registry.runs.create("m", {"model_id": "m", "optimizations": ["quantization"]})
+    assert registry.runs.get(run_id)["status"] == "running"
+    assert registry.runs.finish(run_id, "completed", report={"status": "completed", "n": 3})
+    row = registry.runs.get(run_id)
     assert row["status"] == "completed" and row["report"] == {"status": "completed", "n": 3}
     assert row["request"]["optimizations"] == ["quantization"] and row["error"] is None
-    failed = registry.start_run("m", {})
-    registry.finish_run(failed, "failed", error="x" * 5000)
-    assert len(registry.run(failed)["error"]) == 2000
+    # an ended run is never overwritten by a late writer
+    assert not registry.runs.finish(run_id, "failed", error="late")
+    assert registry.runs.get(run_id)["status"] == "completed"
+    failed = registry.runs.create("m", {})
+    registry.runs.finish(failed, "failed", error="x" * 5000)
+    assert len(registry.runs.get(failed)["error"]) == 2000
 
 
 def test_created_at_is_timezone_aware(registry, model_file):

@@ -24,6 +24,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Make a trained model smaller, faster and served.")
 models_app = typer.Typer(no_args_is_help=True, help="Registered models and their versions.")
 app.add_typer(models_app, name="models")
+keys_app = typer.Typer(no_args_is_help=True, help="API keys of the server.")
+app.add_typer(keys_app, name="keys")
 # Piped or logged output gets room for the candidate tables instead of 80 columns.
 console = Console() if sys.stdout.isatty() else Console(width=160)
 err = Console(stderr=True)
@@ -70,11 +72,15 @@ def register(name: str = typer.Argument(..., help="Model name in the registry, e
                                          ".pt2 (torch.export)."),
              input: list[str] = typer.Option(None, "--input", help="TorchScript input spec "
                                              "NAME:DTYPE[DIMS], once per input."),
+             label_column: Optional[str] = typer.Option(
+                 None, help="Column holding this model's labels in validation data (used "
+                 "when a request names none)."),
              as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
     """Register a model file as a new, immutable version."""
     from optiserve.api import register as api_register
 
-    v = api_register(name, file, registry=_registry(), inputs=input or None)
+    v = api_register(name, file, registry=_registry(), inputs=input or None,
+                     label_column=label_column)
     if as_json:
         console.print_json(json.dumps({"model": v.model, "version": v.version, "format": v.format,
                                        "artifact_id": v.artifact_id, "sha256": v.sha256,
@@ -193,9 +199,7 @@ def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON."
 @models_app.command("show")
 def models_show(name: str = typer.Argument(..., help="Model name.")):
     """All versions of a model, with lineage and signature."""
-    registry = _registry()
-    registry.get(name)  # raises ModelNotFound with the known names
-    render.versions(console, next(m for m in registry.models() if m.name == name))
+    render.versions(console, name, _registry().versions(name))
 
 
 @app.command()
@@ -217,6 +221,61 @@ def demo(skip_minilm: bool = typer.Option(False, help="Skip the transformer (fas
     from optiserve.demo.run import run_demo
 
     run_demo(console, progress_bar, _registry(), minilm=not skip_minilm, cnn=not skip_cnn)
+
+
+@app.command()
+def serve(host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+          port: int = typer.Option(8000, help="Port."),
+          log_level: str = typer.Option("info", help="uvicorn log level.")):
+    """Run the server: the management REST API (OpenAPI at /docs) and optimization jobs."""
+    import uvicorn
+
+    from optiserve.core.settings import load_settings
+    from optiserve.server.app import create_app
+
+    settings = load_settings()
+    if settings.auth == "off":
+        loopback = host in ("127.0.0.1", "localhost", "::1")
+        style = "bold red" if not loopback else "yellow"
+        err.print(f"[{style}]WARNING: OPTISERVE_AUTH=off: no API key is checked"
+                  + ("" if loopback else f" and the server listens on {host}, so anyone who "
+                     "can reach it can upload models and run jobs") + ".[/]")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+
+
+@keys_app.command("create")
+def keys_create(name: str = typer.Argument(..., help="Who or what the key is for."),
+                scope: list[str] = typer.Option(..., "--scope", help="admin, models:write, "
+                                                "optimize, read or infer; repeat for more.")):
+    """Create an API key. Its token is printed once; only its hash is stored."""
+    key, token = _registry().keys.create(name, scope)
+    err.print(f"created key {key.id} ({key.name}) with scopes {', '.join(key.scopes)}; "
+              "store the token now, it is not shown again:")
+    print(token)
+
+
+@keys_app.command("list")
+def keys_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """API keys (ids, names, scopes, last use; never the secrets)."""
+    keys = _registry().keys.list()
+    rows = [{"id": k.id, "name": k.name, "scopes": list(k.scopes),
+             "created_at": _iso(k.created_at), "last_used_at": _iso(k.last_used_at),
+             "revoked_at": _iso(k.revoked_at)} for k in keys]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        render.keys(console, rows)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key: str = typer.Argument(..., help="Key id, or a name (revokes all with it).")):
+    """Revoke a key; requests with it get 401 from then on."""
+    for k in _registry().keys.revoke(key):
+        console.print(f"revoked {k.id} ({k.name})")
+
+
+def _iso(value) -> str | None:
+    return value.isoformat(timespec="seconds") if value else None
 
 
 def _error(exc: Exception) -> None:

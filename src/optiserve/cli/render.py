@@ -92,16 +92,26 @@ def models(console: Console, infos) -> None:
     console.print(t)
 
 
-def versions(console: Console, info) -> None:
-    t = Table(title=f"{info.name}", title_justify="left")
+def versions(console: Console, name: str, versions: list) -> None:
+    t = Table(title=name, title_justify="left")
     for col in ("version", "status", "format", "MB", "sha256", "parent", "passes"):
         t.add_column(col)
-    for v in info.versions:
+    for v in versions:
         t.add_row(str(v.version), v.status, v.format, f"{v.size_mb:.3f}", v.sha256[:12],
                   str(v.parent or ""), " > ".join(p["name"] for p in v.passes))
     console.print(t)
-    for v in info.versions:
+    for v in versions:
         console.print(f"v{v.version}: {v.signature.describe()}", soft_wrap=True)
+
+
+def keys(console: Console, rows: list[dict[str, Any]]) -> None:
+    t = Table(title="API keys", title_justify="left")
+    for col in ("id", "name", "scopes", "created", "last used", "revoked"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["id"], r["name"], ", ".join(r["scopes"]), r["created_at"] or "",
+                  r["last_used_at"] or "", r["revoked_at"] or "")
+    console.print(t)
 
 
 def settings(console: Console, values: dict[str, Any]) -> None:

@@ -66,6 +66,15 @@ class RunNotFound(OptiserveError):
                          hint="Run ids look like opt-1a2b3c4d5e6f.")
 
 
+class ArtifactNotFound(OptiserveError):
+    status = 404
+
+    def __init__(self, artifact_id: str):
+        super().__init__(f"No artifact '{artifact_id}'.",
+                         hint="Artifact ids look like MODEL-vVERSION, e.g. churn-v2; "
+                         "GET /api/v1/models/MODEL lists them.")
+
+
 class ModelLoadError(OptiserveError):
     """A model file is unknown, corrupted, or not what its extension says."""
 
@@ -119,3 +128,32 @@ class GateFailedError(OptiserveError):
 
 class OptimizationTimeout(OptiserveError):
     status = 408
+
+
+class ConflictError(OptiserveError):
+    """The request is valid but the resource's state forbids it (a model in use, a finished
+    job cancelled)."""
+
+    status = 409
+
+
+class UnsupportedUpload(OptiserveError):
+    """An upload whose content the server will not take (a pickle over the network)."""
+
+    status = 415
+
+
+class PayloadTooLarge(OptiserveError):
+    status = 413
+
+
+class AuthError(OptiserveError):
+    """No API key, or one that is wrong or revoked."""
+
+    status = 401
+
+
+class ScopeError(OptiserveError):
+    """A valid key without the scope an endpoint needs."""
+
+    status = 403

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -71,6 +72,35 @@ class Settings(BaseSettings):
         60, gt=0, validation_alias="OPTISERVE_SQL_TIMEOUT_S",
         description="Longest a validation query may run.",
     )
+    # -- the server (optiserve serve) ---------------------------------------------------
+    auth: Literal["on", "off"] = Field(
+        "on", validation_alias="OPTISERVE_AUTH",
+        description="API keys required on every endpoint but health; 'off' only for local "
+        "development (the server warns when it is off on a non-loopback address).",
+    )
+    data_dir: Path | None = Field(
+        None, validation_alias="OPTISERVE_DATA_DIR",
+        description="The only folder file datasets may come from over HTTP; default home/data.",
+    )
+    max_upload_mb: float = Field(
+        1024, gt=0, validation_alias="OPTISERVE_MAX_UPLOAD_MB",
+        description="Largest request body the server accepts (model uploads).",
+    )
+    job_workers: int = Field(
+        1, ge=1, le=64, validation_alias="OPTISERVE_JOB_WORKERS",
+        description="Optimization jobs run at once. More than one shares the cores, so their "
+        "latency numbers disturb each other.",
+    )
+    job_grace_s: float = Field(
+        60, ge=0, validation_alias="OPTISERVE_JOB_GRACE_S",
+        description="A job still running this long after OPTIMIZATION_MAX_TIME_MINUTES is "
+        "killed and marked timeout.",
+    )
+    job_stale_s: float = Field(
+        60, gt=0, validation_alias="OPTISERVE_JOB_STALE_S",
+        description="A running job whose server has not beaten its heartbeat for this long is "
+        "marked failed.",
+    )
 
     @field_validator("optimization_accuracy_threshold")
     @classmethod
@@ -85,6 +115,20 @@ class Settings(BaseSettings):
     @cached_property
     def artifacts_location(self) -> str:
         return self.artifact_url or str((self.home / "artifacts").resolve())
+
+    @cached_property
+    def data_folder(self) -> Path:
+        return (self.data_dir or self.home / "data").resolve()
+
+    def environment(self) -> dict[str, str]:
+        """These settings as environment variables, for a child process to load the same."""
+        env = {}
+        for name, f in Settings.model_fields.items():
+            value = getattr(self, name)
+            if value is not None:
+                env[f.validation_alias] = str(value.resolve() if isinstance(value, Path)
+                                              else value)
+        return env
 
     @property
     def builtin_demo_url(self) -> str:
@@ -121,6 +165,12 @@ class Settings(BaseSettings):
             "OPTISERVE_THREADS": self.threads,
             "OPTISERVE_SQL_MAX_ROWS": self.sql_max_rows,
             "OPTISERVE_SQL_TIMEOUT_S": self.sql_timeout_s,
+            "OPTISERVE_AUTH": self.auth,
+            "OPTISERVE_DATA_DIR": str(self.data_folder),
+            "OPTISERVE_MAX_UPLOAD_MB": self.max_upload_mb,
+            "OPTISERVE_JOB_WORKERS": self.job_workers,
+            "OPTISERVE_JOB_GRACE_S": self.job_grace_s,
+            "OPTISERVE_JOB_STALE_S": self.job_stale_s,
         }
         for name, url in self.data_sources().items():
             out[f"{DATA_SOURCE_PREFIX}{name.upper()}"] = _hide_password(url)

@@ -102,12 +102,32 @@ def _npz(path: Path) -> Columns:
 
 
 def load(spec: DatasetSpec, signature, settings: Settings, *, feature_names=None,
-         role: str = "") -> Dataset:
-    """Read a spec and bind it to a model's signature: the one way data reaches a model."""
+         role: str = "", default_label: str | None = None) -> Dataset:
+    """Read a spec and bind it to a model's signature: the one way data reaches a model.
+    `default_label` (the label column recorded with the model) is used when the spec names
+    none and the data has that column."""
     where = spec.query if spec.source == "sql" else spec.path
-    return bind(read(spec, settings), signature, label_column=spec.label_column,
-                feature_names=feature_names,
-                description=f"{role + ' ' if role else ''}{spec.source}: {where}")
+    columns = read(spec, settings)
+    label = spec.label_column or (default_label if default_label in columns else None)
+    described = f"{role + ' ' if role else ''}{spec.source}: {where}"
+    if label and not spec.label_column:
+        described += f" (labels: '{label}', recorded with the model)"
+    return bind(columns, signature, label_column=label, feature_names=feature_names,
+                description=described)
+
+
+def confine(spec: DatasetSpec | None, root: Path) -> DatasetSpec | None:
+    """For requests from the network: a file path must lie inside `root` (relative paths are
+    taken from there). Returns the spec with the resolved absolute path."""
+    if spec is None or spec.source != "file":
+        return spec
+    root = root.resolve()
+    path = (root / (spec.path or "")).resolve()
+    if not path.is_relative_to(root):
+        raise DatasetError(f"Validation file '{spec.path}' is outside the data folder.",
+                           hint=f"Over HTTP, files are read only from {root} "
+                           "(OPTISERVE_DATA_DIR); give a path relative to it.")
+    return spec.model_copy(update={"path": str(path)})
 
 
 def parse_spec(*, sql: str | None, path: str | None, label: str | None,

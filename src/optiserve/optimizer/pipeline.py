@@ -42,15 +42,20 @@ def load_dataset(request: OptimizeRequest, version: VersionInfo, settings: Setti
         inputs = example_arrays(version.signature.inputs, batch=_SYNTHETIC_ROWS)
         return Dataset(inputs, None, f"{_SYNTHETIC_ROWS} synthetic rows (no validation data)")
     return load(spec, version.signature, settings,
-                feature_names=version.meta.get("feature_names"))
+                feature_names=version.meta.get("feature_names"),
+                default_label=version.meta.get("label_column"))
 
 
 class Optimizer:
     """One optimization run. Use `optimize()`; this class holds the run's state."""
 
     def __init__(self, registry: Registry, request: OptimizeRequest,
-                 progress: Progress | None = None):
-        self.registry, self.request = registry, request
+                 progress: Progress | None = None, *, run_id: str | None = None,
+                 on_candidate: Callable[[Candidate], None] | None = None):
+        """`run_id`: an existing run (a server job) to report into instead of a new one;
+        `on_candidate` is called with each candidate once it is measured and gated."""
+        self.registry, self.request, self.run_id = registry, request, run_id
+        self.on_candidate = on_candidate or (lambda cand: None)
         self.settings = registry.settings
         self.progress = progress or (lambda msg, frac: None)
         self.threshold = request.accuracy_threshold or self.settings.optimization_accuracy_threshold
@@ -155,30 +160,54 @@ class Optimizer:
         return self.timed_out
 
     # -- the run ------------------------------------------------------------------------
-    def run(self) -> OptimizationResult:
+    def prepare(self) -> tuple[VersionInfo, Dataset, Dataset]:
+        """Everything that can be wrong with the request, checked before any work: pass names
+        and options (the plans are kept for the run), the model, the data and its fit."""
         configs = self.request.configs()
-        # unknown names and options fail here, before any work; the plans are kept for the run
         self.plans = {n: expand(get_pass(n), configs.get(n)) for n in self.request.optimizations}
         version = self.registry.resolve(self.request.model_id)
         dataset = load_dataset(self.request, version, self.settings)
-        run_id = self.registry.start_run(version.model, self.request.model_dump(mode="json"))
+        return version, dataset, self._calibration(version, dataset)
+
+    def planned(self) -> int:
+        """About how many candidates the run will measure (for progress), once prepared."""
+        frontier, made = 1, 1
+        for name in self.request.optimizations:
+            n = len(self.plans.get(name, [None]))
+            if get_pass(name).branches:
+                made += n * made
+            else:
+                frontier *= n
+                made += frontier
+        return max(1, made - 1)
+
+    def run(self) -> OptimizationResult:
+        runs = self.registry.runs
         try:
-            result = self._run(run_id, version, dataset)
+            version, dataset, calibration = self.prepare()
+        except OptiserveError as exc:
+            if self.run_id:  # a job: its row must say why
+                runs.finish(self.run_id, "failed", error=str(exc), error_status=exc.status)
+            raise
+        run_id = self.run_id or runs.create(version.model, self.request.model_dump(mode="json"))
+        try:
+            result = self._run(run_id, version, dataset, calibration)
         except OptimizationTimeout as exc:
-            self.registry.finish_run(run_id, "timeout", error=str(exc))
+            runs.finish(run_id, "timeout", error=str(exc), error_status=exc.status)
             raise
         except OptiserveError as exc:
-            self.registry.finish_run(run_id, "failed", error=str(exc))
+            runs.finish(run_id, "failed", error=str(exc), error_status=exc.status)
             raise
         except BaseException as exc:  # a bug or Ctrl-C: the run must not stay "running"
-            self.registry.finish_run(run_id, "failed", error=f"{type(exc).__name__}: {exc}")
+            runs.finish(run_id, "failed", error=f"{type(exc).__name__}: {exc}", error_status=500)
             raise
-        self.registry.finish_run(run_id, result.status, report=result.details())
+        runs.finish(run_id, result.status, report=result.details())
         if result.status == "rejected":
             raise GateFailedError(result.failure_reason(), result)
         return result
 
-    def _run(self, run_id: str, version: VersionInfo, dataset: Dataset) -> OptimizationResult:
+    def _run(self, run_id: str, version: VersionInfo, dataset: Dataset,
+             calibration: Dataset) -> OptimizationResult:
         original_art = Artifact(path=self.registry.path(version), format=version.format,
                                 signature=version.signature, meta=dict(version.meta))
         self.progress(f"measuring the original ({version.format}) on {dataset.n} rows", 0)
@@ -186,13 +215,13 @@ class Optimizer:
         task = original.evaluation.task
         measured: list[Candidate] = []
         with tempfile.TemporaryDirectory(prefix="optiserve-") as tmp:
-            calibration = self._calibration(version, dataset)
             for artifact in self.candidates(original_art, dataset, calibration, Path(tmp)):
                 self.progress(f"measuring {artifact.label}", 0)
                 cand = self.measure(artifact, dataset, original.outputs, task)
                 cand.gate = metrics.gate(cand.evaluation, original.evaluation, self.threshold)
                 self._explain_parity(cand, original)
                 measured.append(cand)
+                self.on_candidate(cand)
                 self.progress(f"measured {artifact.label}", 1)
             if not measured and self.timed_out:
                 raise OptimizationTimeout(
@@ -209,7 +238,8 @@ class Optimizer:
             self._remeasure_finalists(passing, original, dataset)
             if passing:
                 chosen = min(passing, key=lambda c: _speed_score(c, passing))
-                status = "completed"
+                # the time ran out: the best so far is kept, but the search was cut short
+                status = "timeout" if self.timed_out else "completed"
             else:
                 chosen = max(measured, key=lambda c: c.evaluation.value - c.gate.required)
                 status = "rejected"
@@ -244,7 +274,7 @@ class Optimizer:
 
     def _explain_parity(self, cand: Candidate, original: Candidate) -> None:
         differing = cand.parity.get("labels_differing", 0)
-        if differing and original.artifact.format == "pkl" and cand.artifact.format == "onnx":
+        if differing and original.artifact.format in ("pkl", "skops") and cand.artifact.format == "onnx":
             self._note(f"{differing} of {cand.evaluation.n} labels of {cand.artifact.label} differ "
                        "from scikit-learn's: ONNX tree and linear operators compare features "
                        "in float32 where scikit-learn uses float64, so rows near a split "
@@ -264,7 +294,7 @@ class Optimizer:
             signature=cand.artifact.signature, parent=parent.version,
             passes=cand.artifact.passes, metrics=metrics_row,
             meta={k: v for k, v in cand.artifact.meta.items() if k != "opsets"},
-            status="ready" if status == "completed" else "rejected")
+            status="rejected" if status == "rejected" else "ready")
 
 
 def _speed_score(cand: Candidate, pool: list[Candidate]) -> float:

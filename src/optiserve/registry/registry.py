@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 import re
-import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,15 +16,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event, func, select
+from sqlalchemy import create_engine, delete, event, func, select
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
-from optiserve.core.errors import ConfigError, ModelNotFound, RunNotFound
+from optiserve.core.errors import ArtifactNotFound, ConfigError, ModelNotFound
 from optiserve.core.settings import Settings, load_settings
 from optiserve.core.types import Signature
 from optiserve.registry.store import ArtifactStore
-from optiserve.registry.tables import ArtifactRow, ModelRow, RunRow, VersionRow, utcnow
+from optiserve.registry.keys import Keys
+from optiserve.registry.runs import Runs
+from optiserve.registry.tables import ArtifactRow, ModelRow, VersionRow
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _MIGRATIONS = Path(__file__).parent / "migrations"
@@ -84,7 +85,7 @@ def check_model_name(name: str) -> str:
 
 
 class Registry:
-    """Models, versions, artifacts and optimization runs."""
+    """Models, versions, artifacts; optimization runs (`.runs`) and API keys (`.keys`)."""
 
     def __init__(self, settings: Settings | None = None, *, database_url: str | None = None,
                  artifact_url: str | None = None):
@@ -100,6 +101,8 @@ class Registry:
         self.store = ArtifactStore(artifact_url or self.settings.artifacts_location,
                                    cache_dir=self.settings.home / "artifact-cache")
         self._migrate()
+        self.runs = Runs(self._session)
+        self.keys = Keys(self._session)
 
     # -- schema ---------------------------------------------------------------------------
     def _migrate(self) -> None:
@@ -195,13 +198,17 @@ class Registry:
         return [self._info(model.name, v, v.artifact, by_id.get(v.parent_id))
                 for v in model.versions]
 
-    def get(self, name: str, version: int | None = None) -> VersionInfo:
-        """A version; by default the latest one that is ready (not a rejected candidate)."""
+    def versions(self, name: str) -> list[VersionInfo]:
+        """Every version of a model, oldest first."""
         with self._session() as s:
             model = s.scalar(select(ModelRow).where(ModelRow.name == name))
             if model is None:
                 raise ModelNotFound(name, known=s.scalars(select(ModelRow.name)).all())
-            versions = self._versions(s, model)
+            return self._versions(s, model)
+
+    def get(self, name: str, version: int | None = None) -> VersionInfo:
+        """A version; by default the latest one that is ready (not a rejected candidate)."""
+        versions = self.versions(name)
         if version is None:
             ready = [v for v in versions if v.status == "ready"]
             if ready:
@@ -238,27 +245,34 @@ class Registry:
             version = self.get(version.model, version.parent)
         return version
 
-    # -- optimization runs ----------------------------------------------------------------
-    def start_run(self, model: str, request: dict) -> str:
-        run_id = f"opt-{secrets.token_hex(6)}"
-        with self._session.begin() as s:
-            s.add(RunRow(id=run_id, model_name=model, status="running", request=request))
-        return run_id
-
-    def finish_run(self, run_id: str, status: str, report: dict | None = None,
-                   error: str | None = None) -> None:
-        with self._session.begin() as s:
-            row = s.get(RunRow, run_id)
-            row.status, row.report, row.error = status, report, (error or None) and error[:2000]
-            row.finished_at = utcnow()
-
-    def run(self, run_id: str) -> dict:
+    # -- deletion and downloads -----------------------------------------------------------
+    def artifact(self, artifact_id: str) -> VersionInfo:
+        """The version that owns an artifact id (e.g. churn-v2)."""
         with self._session() as s:
-            row = s.get(RunRow, run_id)
+            row = s.scalar(select(VersionRow).where(VersionRow.artifact_id == artifact_id))
             if row is None:
-                raise RunNotFound(run_id)
-            return {"id": row.id, "model": row.model_name, "status": row.status,
-                    "request": row.request, "report": row.report, "error": row.error}
+                raise ArtifactNotFound(artifact_id)
+            name, version = row.model.name, row.version
+        return self.get(name, version)
+
+    def delete_model(self, name: str) -> int:
+        """Delete a model, its versions and the files no other version shares; returns the
+        number of versions deleted. Rows go in one transaction, files after it."""
+        with self._session.begin() as s:
+            model = s.scalar(select(ModelRow).where(ModelRow.name == name).with_for_update())
+            if model is None:
+                raise ModelNotFound(name, known=s.scalars(select(ModelRow.name)).all())
+            uris = {v.artifact.uri for v in model.versions}
+            arts = [v.artifact_id for v in model.versions]
+            count = len(model.versions)
+            s.execute(delete(VersionRow).where(VersionRow.model_id == model.id))
+            s.execute(delete(ArtifactRow).where(ArtifactRow.id.in_(arts)))
+            s.execute(delete(ModelRow).where(ModelRow.id == model.id))
+        with self._session() as s:
+            still_used = set(s.scalars(select(ArtifactRow.uri).where(ArtifactRow.uri.in_(uris))))
+        for uri in uris - still_used:
+            self.store.delete(uri)
+        return count
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

@@ -1,0 +1,1 @@
+"""The server: the management REST API (models, jobs, benchmarks, keys) — `optiserve serve`."""

@@ -1,0 +1,75 @@
+"""One error shape for every HTTP failure: a 4xx/5xx status with {"error": "..."}.
+
+optiserve's own errors carry their status (core/errors.py); request validation becomes 400
+(malformed JSON) or 422 (a field that is wrong, missing or unknown), naming the field.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from optiserve.core.errors import GateFailedError, OptiserveError, first_line
+
+log = logging.getLogger("optiserve.server")
+
+
+def error_response(code: int, message: str, **extra) -> JSONResponse:
+    """{"error": message, **extra} with HTTP status `code`."""
+    headers = {"WWW-Authenticate": "Bearer"} if code == 401 else None
+    return JSONResponse({"error": message, **extra}, status_code=code, headers=headers)
+
+
+def _field(err: dict) -> str:
+    loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
+    return ".".join(loc) or "body"
+
+
+async def _optiserve(_: Request, exc: OptiserveError) -> JSONResponse:
+    extra = {}
+    if isinstance(exc, GateFailedError):
+        extra["report"] = exc.report.response
+    return error_response(exc.status, str(exc), **extra)
+
+
+async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    bad_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
+    if bad_json is not None:
+        reason = (bad_json.get("ctx") or {}).get("error", "not valid JSON")
+        return error_response(400, f"The request body is not valid JSON: {reason}.")
+    first = errors[0]
+    if first.get("type") == "extra_forbidden":
+        message = f"Unknown field '{_field(first)}'."
+    elif first.get("type") == "missing":
+        message = f"Field '{_field(first)}' is required."
+    else:
+        message = f"Field '{_field(first)}' is invalid: {first.get('msg')}."
+    details = [{"field": _field(e), "message": e.get("msg"), "type": e.get("type")}
+               for e in errors[:20]]
+    return error_response(422, message + " See /docs for the request schema.",
+                          details=details)
+
+
+async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+    message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    if exc.status_code == 404 and message == "Not Found":
+        message = "No such endpoint. See /docs for the API."
+    return error_response(exc.status_code, message)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, f"Internal error ({type(exc).__name__}: {first_line(exc, 200)}); "
+                          "it is logged on the server.")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(OptiserveError, _optiserve)
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(HTTPException, _http)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,304 @@
+"""The management API under /api/v1: models, artifacts, optimization jobs, benchmarks.
+
+Thin: each route checks its scope, calls the Python API / registry / job runner, and shapes
+JSON. Blocking work (database, files, data loading) runs in FastAPI's thread pool (plain `def`
+routes); waiting for a job is async.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import platform
+import tempfile
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import onnxruntime
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import text
+
+import optiserve
+from optiserve import api
+from optiserve.convert.detect import EXTENSIONS, _EXT_FORMAT, sniff
+from optiserve.core.errors import ConflictError, UnsupportedUpload
+from optiserve.data.sources import DatasetSpec, confine
+from optiserve.optimizer.pipeline import Optimizer
+from optiserve.optimizer.request import OptimizeRequest
+from optiserve.registry.registry import Registry, VersionInfo
+from optiserve.registry.runs import TERMINAL
+from optiserve.server.auth import scope
+from optiserve.server.http.errors import error_response
+
+router = APIRouter(prefix="/api/v1")
+_CHUNK = 1 << 20
+
+
+def _registry(request: Request) -> Registry:
+    return request.app.state.registry
+
+
+Reg = Annotated[Registry, Depends(_registry)]
+
+
+# -- shapes -------------------------------------------------------------------------------
+class Summary(BaseModel):
+    format: str
+    size_mb: float
+    latency_ms: float
+    accuracy: float
+
+
+class Improvement(BaseModel):
+    size_reduction: str
+    latency_reduction: str
+    accuracy_change: str
+
+
+class OptimizeResponse(BaseModel):
+    """The seed's response body."""
+
+    optimization_id: str
+    status: str
+    original: Summary
+    optimized: Summary
+    improvement: Improvement
+    artifact_id: str | None
+
+
+class Queued(BaseModel):
+    optimization_id: str
+    status: str = Field(description="'queued'")
+    model_id: str = Field(description="The version that will be optimized (MODEL:VERSION).")
+    links: dict[str, str]
+
+
+class BenchmarkRequest(BaseModel):
+    """The seed's benchmark request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_id: str = Field(description="MODEL or MODEL:VERSION.")
+    iterations: int = Field(100, ge=1, le=100_000, description="Timed calls per batch size.")
+    warmup_iterations: int = Field(10, ge=0, le=10_000, description="Untimed calls first.")
+    batch_sizes: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+        default_factory=lambda: [1, 16, 32, 64], min_length=1, max_length=16)
+    max_seconds: float = Field(10, gt=0, le=120, description="Cap per batch size.")
+    dataset: DatasetSpec | None = Field(
+        None, description="Inputs from data (default: synthetic from the signature).")
+
+
+def version_json(v: VersionInfo) -> dict[str, Any]:
+    return {"model": v.model, "version": v.version, "ref": v.ref, "status": v.status,
+            "format": v.format, "framework": v.framework, "artifact_id": v.artifact_id,
+            "sha256": v.sha256, "size_bytes": v.size_bytes,
+            "signature": v.signature.model_dump(mode="json"),
+            "lineage": {"parent": v.parent, "passes": v.passes},
+            "metrics": v.metrics, "meta": v.meta,
+            "created_at": v.created_at.isoformat() if v.created_at else None}
+
+
+def job_json(run: dict[str, Any]) -> dict[str, Any]:
+    report = run["report"] or None
+    iso = {k: run[k].isoformat() if run[k] else None
+           for k in ("created_at", "started_at", "finished_at")}
+    candidates = report["details"]["candidates"] if report else run["candidates"]
+    return {
+        "optimization_id": run["id"], "status": run["status"],
+        "model_id": run["request"].get("model_id"), **iso,
+        "progress": {"fraction": round(run["progress"] or 0.0, 3), "stage": run["stage"],
+                     "candidates_measured": len(candidates)},
+        "candidates": candidates,
+        "report": {k: v for k, v in report.items() if k != "details"} if report else None,
+        "details": report["details"] if report else None,
+        "error": run["error"], "request": run["request"],
+    }
+
+
+# -- service ------------------------------------------------------------------------------
+@router.get("/health", tags=["service"], summary="Liveness and database reachability (no key)")
+def health(request: Request, registry: Reg):
+    try:
+        with registry.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:
+        return error_response(503, f"The registry database is unreachable: {type(exc).__name__}",
+                              status="unavailable")
+    runner = request.app.state.runner
+    return {"status": "ok", "database": registry.engine.dialect.name,
+            "job_workers": runner.workers if runner else 0}
+
+
+@router.get("/version", tags=["service"], dependencies=[Depends(scope("read"))])
+def version():
+    return {"optiserve": optiserve.__version__, "api": "v1",
+            "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+
+
+# -- models -------------------------------------------------------------------------------
+@router.post("/models", tags=["models"], status_code=201,
+             dependencies=[Depends(scope("models:write"))],
+             summary="Register a model: ONNX, TorchScript, torch.export or skops (no pickles)")
+def register_model(
+    registry: Reg,
+    file: UploadFile = File(description=".onnx, .pt (TorchScript), .pt2 (torch.export) or "
+                            ".skops (scikit-learn saved with skops.io.dump)"),
+    name: str = Form(description="Model name, e.g. churn."),
+    inputs: list[str] | None = Form(None, description="TorchScript input specs "
+                                    "NAME:DTYPE[DIMS], one per input."),
+    label_column: str | None = Form(None, description="Column holding this model's labels "
+                                    "in validation data."),
+):
+    with tempfile.TemporaryDirectory(prefix="optiserve-upload-") as tmp:
+        suffix = Path(file.filename or "").suffix.lower()
+        path = Path(tmp) / f"upload{suffix if suffix in _EXT_FORMAT else ''}"
+        with open(path, "wb") as out:
+            while chunk := file.file.read(_CHUNK):
+                out.write(chunk)
+        fmt = sniff(path)
+        if fmt == "pkl":
+            raise UnsupportedUpload(
+                "Pickled models are refused over the network: loading a pickle runs any code "
+                "it contains.", hint="Save a scikit-learn model with skops "
+                "(skops.io.dump(model, 'model.skops')) or convert it to ONNX, and upload that; "
+                "a pickle can be registered from a local path with `optiserve register`.")
+        if path.suffix == "":
+            path = path.rename(path.with_suffix(EXTENSIONS[fmt]))
+        v = api.register(name, path, registry=registry, inputs=inputs or None,
+                         label_column=label_column)
+    return version_json(v)
+
+
+@router.get("/models", tags=["models"], dependencies=[Depends(scope("read"))])
+def list_models(registry: Reg):
+    return {"models": [{
+        "name": m.name, "created_at": m.created_at.isoformat() if m.created_at else None,
+        "versions": len(m.versions),
+        "latest": version_json(m.latest) if m.latest else None} for m in registry.models()]}
+
+
+@router.get("/models/{model_id}", tags=["models"], dependencies=[Depends(scope("read"))],
+            summary="A model with every version: signature, lineage, metrics")
+def get_model(model_id: str, registry: Reg):
+    versions = registry.versions(model_id)
+    latest = [v for v in versions if v.status == "ready"]
+    return {"name": model_id, "versions": [version_json(v) for v in versions],
+            "latest": latest[-1].version if latest else None}
+
+
+@router.delete("/models/{model_id}", tags=["models"],
+               dependencies=[Depends(scope("models:write"))],
+               summary="Delete a model and its artifacts (refused while a job uses it)")
+def delete_model(model_id: str, registry: Reg):
+    active = registry.runs.active_for_model(model_id)
+    if active:
+        raise ConflictError(f"Model '{model_id}' is used by optimization(s) "
+                            f"{', '.join(active)}.",
+                            hint="Wait for them to finish, or cancel them with "
+                            "DELETE /api/v1/inference/optimizations/ID.")
+    return {"deleted": model_id, "versions": registry.delete_model(model_id)}
+
+
+@router.get("/artifacts/{artifact_id}", tags=["models"], dependencies=[Depends(scope("read"))],
+            summary="Download an artifact (sha256 and size in the headers)")
+def download_artifact(artifact_id: str, registry: Reg):
+    v = registry.artifact(artifact_id)
+    return FileResponse(
+        registry.path(v), media_type="application/octet-stream",
+        filename=f"{v.artifact_id}{EXTENSIONS.get(v.format, '')}",
+        headers={"X-Checksum-SHA256": v.sha256, "X-Artifact-Size": str(v.size_bytes),
+                 "X-Artifact-Format": v.format, "X-Version-Status": v.status,
+                 "ETag": f'"{v.sha256}"'})
+
+
+# -- optimizations --------------------------------------------------------------------------
+def _checked(request: OptimizeRequest, registry: Registry) -> OptimizeRequest:
+    """Everything wrong with a request is a 4xx now, not a failed job later. File data must
+    lie in the data folder; the model reference is pinned to the version seen now."""
+    root = registry.settings.data_folder
+    request = request.model_copy(update={
+        "validation_dataset": confine(request.validation_dataset, root),
+        "calibration_dataset": confine(request.calibration_dataset, root)})
+    version, _, _ = Optimizer(registry, request).prepare()
+    return request.model_copy(update={"model_id": version.ref})
+
+
+@router.post("/inference/optimize", tags=["optimizations"], status_code=202,
+             dependencies=[Depends(scope("optimize"))],
+             responses={200: {"model": OptimizeResponse,
+                              "description": "With ?wait=true: the finished report"},
+                        202: {"model": Queued}},
+             summary="Optimize a model: the seed's request; queued unless ?wait=true")
+async def optimize(body: OptimizeRequest, request: Request, registry: Reg,
+                   wait: bool = Query(False, description="Answer the finished report.")):
+    body = await run_in_threadpool(_checked, body, registry)
+    runner = request.app.state.runner
+    if runner is None:
+        return error_response(503, "This server runs no optimization jobs.")
+    run_id = await run_in_threadpool(runner.submit, body, body.model_id.partition(":")[0])
+    if not wait:
+        return JSONResponse(status_code=202, content={
+            "optimization_id": run_id, "status": "queued", "model_id": body.model_id,
+            "links": {"self": f"/api/v1/inference/optimizations/{run_id}"}})
+    while True:
+        run = await run_in_threadpool(registry.runs.get, run_id)
+        if run["status"] in TERMINAL:
+            return _finished(run)
+        await asyncio.sleep(0.25)
+
+
+def _finished(run: dict[str, Any]) -> JSONResponse:
+    """The seed's response for a finished job, or the error that ended it."""
+    report = {k: v for k, v in (run["report"] or {}).items() if k != "details"}
+    if run["status"] in ("completed", "timeout") and report:
+        return JSONResponse(report)
+    if run["status"] == "rejected":
+        return error_response(422, run["error"] or "No candidate passed the accuracy gate.",
+                              report=report or None, optimization_id=run["id"])
+    return error_response(run["error_status"] or 500, run["error"] or run["status"],
+                          optimization_id=run["id"], status=run["status"])
+
+
+@router.get("/inference/optimizations", tags=["optimizations"],
+            dependencies=[Depends(scope("read", "optimize"))])
+def list_optimizations(registry: Reg, model: str | None = None, status: str | None = None,
+                       limit: int = Query(50, ge=1, le=500)):
+    return {"optimizations": [job_json(r) for r in registry.runs.list(
+        model=model, status=status, limit=limit)]}
+
+
+@router.get("/inference/optimizations/{optimization_id}", tags=["optimizations"],
+            dependencies=[Depends(scope("read", "optimize"))],
+            summary="A job: status, progress, candidates tried, the report")
+def get_optimization(optimization_id: str, registry: Reg):
+    return job_json(registry.runs.get(optimization_id))
+
+
+@router.delete("/inference/optimizations/{optimization_id}", tags=["optimizations"],
+               dependencies=[Depends(scope("optimize"))], summary="Cancel a job")
+async def cancel_optimization(optimization_id: str, registry: Reg):
+    run = await run_in_threadpool(registry.runs.request_cancel, optimization_id)
+    for _ in range(40):  # its owner notices within a poll; answer the outcome if it is quick
+        if run["status"] in TERMINAL:
+            return job_json(run)
+        await asyncio.sleep(0.25)
+        run = await run_in_threadpool(registry.runs.get, optimization_id)
+    return JSONResponse(job_json(run), status_code=202)
+
+
+# -- benchmarks -----------------------------------------------------------------------------
+_BENCH_LOCK = threading.Lock()  # one at a time: two would time each other's load
+
+
+@router.post("/inference/benchmark", tags=["benchmarks"],
+             dependencies=[Depends(scope("optimize"))],
+             summary="Latency p50/p95/p99 of a version in its own runtime (the seed's shape)")
+def benchmark(body: BenchmarkRequest, registry: Reg):
+    dataset = confine(body.dataset, registry.settings.data_folder)
+    with _BENCH_LOCK:
+        return api.benchmark(body.model_id, batch_sizes=body.batch_sizes,
+                             iterations=body.iterations, warmup=body.warmup_iterations,
+                             registry=registry, dataset=dataset, max_seconds=body.max_seconds)

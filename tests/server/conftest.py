@@ -1,0 +1,93 @@
+"""A real server on a loopback port (uvicorn in a thread, the job runner with it), and httpx
+clients holding API keys with chosen scopes."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Live:
+    url: str
+    registry: object
+    settings: object
+    admin: str
+    _clients: list = field(default_factory=list)
+
+    def client(self, token: str | None = "admin", **kw) -> httpx.Client:
+        """A client sending `token` (default: an admin key; None: no key)."""
+        token = self.admin if token == "admin" else token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        c = httpx.Client(base_url=self.url, headers=headers, timeout=kw.pop("timeout", 120), **kw)
+        self._clients.append(c)
+        return c
+
+    def key(self, *scopes: str) -> str:
+        return self.registry.keys.create("test", list(scopes))[1]
+
+    def wait(self, run_id: str, timeout: float = 120) -> dict:
+        """Poll a job until it ends; its JSON."""
+        c = self.client()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = c.get(f"/api/v1/inference/optimizations/{run_id}").json()
+            if job["status"] not in ("queued", "running"):
+                return job
+            time.sleep(0.2)
+        raise AssertionError(f"job {run_id} still {job['status']} after {timeout} s")
+
+
+@pytest.fixture
+def make_server(request):
+    """make_server(database_url=None, jobs=True, **settings) -> Live; stopped after the test."""
+    import uvicorn
+
+    from optiserve.core.settings import load_settings
+    from optiserve.registry import Registry
+    from optiserve.server.app import create_app
+
+    started = []
+
+    def make(*, database_url: str | None = None, jobs: bool = True, **overrides) -> Live:
+        settings = load_settings(threads=1, database_url=database_url, **overrides)
+        registry = Registry(settings)
+        app = create_app(settings, registry=registry, jobs=jobs)
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                               log_level="warning", lifespan="on"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 20
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        live = Live(f"http://127.0.0.1:{port}", registry, settings,
+                    registry.keys.create("admin", ["admin"])[1])
+        started.append((server, thread, registry, live))
+        return live
+
+    yield make
+    for server, thread, registry, live in started:
+        for c in live._clients:
+            c.close()
+        server.should_exit = True
+        thread.join(timeout=30)
+        registry.close()
+
+
+@pytest.fixture
+def server(make_server) -> Live:
+    return make_server()

@@ -1,0 +1,94 @@
+"""Models over HTTP: upload (ONNX, TorchScript, skops; never pickles), list, show, download,
+delete — with the real server and httpx."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import onnx
+import pytest
+
+from tests.builders import linear_onnx, mlp_onnx
+
+
+def _onnx_bytes(model=None) -> bytes:
+    return (model or linear_onnx()).SerializeToString()
+
+
+def upload(client, name: str, data: bytes, filename: str = "model.onnx", **form):
+    return client.post("/api/v1/models", data={"name": name, **form},
+                       files={"file": (filename, io.BytesIO(data), "application/octet-stream")})
+
+
+def test_register_show_download_and_delete(server):
+    c = server.client()
+    r = upload(c, "lin", _onnx_bytes())
+    assert r.status_code == 201, r.text
+    v = r.json()
+    assert (v["ref"], v["format"], v["framework"], v["status"]) == ("lin:1", "onnx", "onnx", "ready")
+    assert v["signature"]["inputs"][0]["name"] == "x"
+    assert upload(c, "lin", _onnx_bytes(mlp_onnx((4, 8, 3)))).json()["version"] == 2
+
+    listed = c.get("/api/v1/models").json()["models"]
+    assert [(m["name"], m["versions"], m["latest"]["version"]) for m in listed] == [("lin", 2, 2)]
+    shown = c.get("/api/v1/models/lin").json()
+    assert [x["version"] for x in shown["versions"]] == [1, 2] and shown["latest"] == 2
+    assert shown["versions"][0]["lineage"] == {"parent": None, "passes": []}
+
+    d = c.get(f"/api/v1/artifacts/{v['artifact_id']}")
+    assert d.status_code == 200
+    assert hashlib.sha256(d.content).hexdigest() == d.headers["x-checksum-sha256"] == v["sha256"]
+    assert int(d.headers["x-artifact-size"]) == len(d.content) == v["size_bytes"]
+    onnx.checker.check_model(onnx.load_from_string(d.content))
+
+    gone = c.delete("/api/v1/models/lin")
+    assert gone.status_code == 200 and gone.json() == {"deleted": "lin", "versions": 2}
+    assert c.get("/api/v1/models/lin").status_code == 404
+    assert c.get(f"/api/v1/artifacts/{v['artifact_id']}").status_code == 404
+    assert not any(server.registry.store.root.rglob("*.onnx"))  # the files went too
+
+
+def test_pickle_upload_is_refused_and_nothing_is_stored(server, logreg, tmp_path):
+    import joblib
+
+    path = tmp_path / "m.pkl"
+    joblib.dump(logreg, path)
+    c = server.client()
+    for filename in ("m.pkl", "model.onnx", "m.skops"):  # whatever the name claims
+        r = upload(c, "churn", path.read_bytes(), filename)
+        assert r.status_code in (400, 415), r.text
+        assert "pickle" in r.json()["error"].lower()
+    assert upload(c, "churn", path.read_bytes(), "m.pkl").status_code == 415
+    assert server.registry.models() == []
+
+
+def test_corrupted_onnx_upload_is_400_and_nothing_is_stored(server):
+    data = _onnx_bytes()
+    r = upload(server.client(), "bad", data[: len(data) // 2])
+    assert r.status_code == 400
+    assert "cannot load model" in r.json()["error"].lower()
+    assert server.registry.models() == []
+    assert not any(p.is_file() for p in server.registry.store.root.rglob("*"))
+
+
+def test_oversized_upload_is_413_before_it_is_stored(make_server):
+    live = make_server(max_upload_mb=0.001)  # 1 kB
+    r = upload(live.client(), "big", _onnx_bytes(mlp_onnx((64, 128, 10))))
+    assert r.status_code == 413
+    assert "OPTISERVE_MAX_UPLOAD_MB" in r.json()["error"]
+    assert live.registry.models() == []
+
+
+@pytest.mark.parametrize("name", ["../etc", "a b", "-x"])
+def test_bad_model_name_is_400(server, name):
+    r = upload(server.client(), name, _onnx_bytes())
+    assert r.status_code == 400 and "not allowed" in r.json()["error"]
+
+
+def test_unknown_model_and_artifact_are_404(server):
+    c = server.client()
+    for path in ("/api/v1/models/nope", "/api/v1/artifacts/nope-v1"):
+        r = c.get(path)
+        assert r.status_code == 404 and r.json()["error"]
+    assert c.delete("/api/v1/models/nope").status_code == 404
