@@ -55,7 +55,7 @@ def test_register_optimize_benchmark_list(tmp_path, optiserve_home):
 @pytest.mark.parametrize("args, needle", [
     (("register", "m", "missing.onnx"), "no such file"),
     (("optimize", "nobody"), "No model 'nobody'"),
-    (("optimize", "m", "--threshold", "1.5"), "outside (0, 1]"),
+    (("optimize", "m", "--threshold", "1.5"), "accuracy_threshold' is invalid: Input should be less than or equal to 1"),
     (("optimize", "m", "--opt", "bogus"), "Unknown optimization 'bogus'"),
     (("optimize", "m", "--set", "quantization.colour=red"), "colour"),
     (("optimize", "m", "--validation-sql", "DELETE FROM t"), "not a SELECT"),

@@ -30,6 +30,7 @@ class Live:
         """A client sending `token` (default: an admin key; None: no key)."""
         token = self.admin if token == "admin" else token
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        headers.update(kw.pop("headers", {}))
         c = httpx.Client(base_url=self.url, headers=headers, timeout=kw.pop("timeout", 120), **kw)
         self._clients.append(c)
         return c
@@ -63,6 +64,7 @@ def make_server(request):
     def make(*, database_url: str | None = None, jobs: bool = True, **overrides) -> Live:
         settings = load_settings(threads=1, database_url=database_url, **overrides)
         registry = Registry(settings)
+        admin = registry.keys.create("admin", ["admin"])[1]
         app = create_app(settings, registry=registry, jobs=jobs)
         port = free_port()
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
@@ -74,8 +76,7 @@ def make_server(request):
             if time.monotonic() > deadline or not thread.is_alive():
                 raise RuntimeError("the test server did not start")
             time.sleep(0.02)
-        live = Live(f"http://127.0.0.1:{port}", registry, settings,
-                    registry.keys.create("admin", ["admin"])[1])
+        live = Live(f"http://127.0.0.1:{port}", registry, settings, admin)
         started.append((server, thread, registry, live))
         return live
 

@@ -1,7 +1,9 @@
 """Decide a model's framework from its bytes (not only its extension) or its Python type.
 
 A pickle is only ever loaded from a path the user named on this machine: pickles run code when
-loaded, so nothing that arrives over a network is unpickled.
+loaded, so nothing that arrives over a network is unpickled. scikit-learn models that do arrive
+over a network come as skops files, which are loaded without unpickling and only when every type
+they hold is trusted (see convert/sklearn.py).
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ from optiserve.core.errors import ModelLoadError
 from optiserve.core.types import Signature
 
 # format -> extension used when storing the artifact
-EXTENSIONS = {"onnx": ".onnx", "pkl": ".pkl", "torchscript": ".pt", "pt2": ".pt2",
-              "openvino": ".ovz"}
-FRAMEWORKS = {"onnx": "onnx", "pkl": "sklearn", "torchscript": "torch", "pt2": "torch",
-              "openvino": "openvino"}
+EXTENSIONS = {"onnx": ".onnx", "pkl": ".pkl", "skops": ".skops", "torchscript": ".pt",
+              "pt2": ".pt2", "openvino": ".ovz"}
+FRAMEWORKS = {"onnx": "onnx", "pkl": "sklearn", "skops": "sklearn", "torchscript": "torch",
+              "pt2": "torch", "openvino": "openvino"}
 _EXT_FORMAT = {".onnx": "onnx", ".pkl": "pkl", ".pickle": "pkl", ".joblib": "pkl",
-               ".pt": "torchscript", ".pth": "torchscript", ".jit": "torchscript",
-               ".pt2": "pt2"}
+               ".skops": "skops", ".pt": "torchscript", ".pth": "torchscript",
+               ".jit": "torchscript", ".pt2": "pt2"}
+_SUPPORTED = ("Supported: .onnx, .pkl/.joblib (scikit-learn pickle), .skops (scikit-learn "
+              "saved with skops.io.dump), .pt (TorchScript), .pt2 (torch.export).")
 
 
 @dataclass
@@ -39,30 +43,41 @@ class Imported:
 
 
 def sniff(path: Path) -> str:
-    """The format a file's bytes say it is: onnx, pkl, torchscript or pt2."""
+    """The format a file's bytes say it is: onnx, pkl, skops, torchscript or pt2."""
     with open(path, "rb") as f:
         head = f.read(8)
     if not head:
         raise ModelLoadError(str(path), "the file is empty")
     if head.startswith(b"PK\x03\x04"):
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            # A truncated zip has lost its directory: only the extension says what it was.
+            what = ("the skops file is corrupted" if path.suffix.lower() == ".skops" else
+                    "it starts like a zip archive (skops, TorchScript, torch.export) but is "
+                    "corrupted")
+            raise ModelLoadError(str(path), f"{what} ({exc})",
+                                 hint="Save the model again; the file may be truncated.") from None
+        # skops (skops.io.dump) writes schema.json at the archive's root.
+        if "schema.json" in names:
+            return "skops"
         if any(n.endswith("serialized_exported_program.json") or n.endswith(".json")
                and "/models/" in n for n in names) or any("archive_format" in n for n in names):
             return "pt2"
         if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
             return "torchscript"
-        raise ModelLoadError(str(path), "it is a zip archive but neither TorchScript nor a "
-                             "torch.export program", hint="Save with torch.jit.save or "
+        raise ModelLoadError(str(path), "it is a zip archive but neither TorchScript, a "
+                             "torch.export program nor a skops file",
+                             hint="Save with skops.io.dump (scikit-learn), torch.jit.save or "
                              "torch.export.save.")
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return "pkl"
     # ONNX is a protobuf: the first field of ModelProto is ir_version (tag 0x08).
     if head[:1] == b"\x08":
         return "onnx"
-    raise ModelLoadError(str(path), "its contents are not an ONNX, pickle, TorchScript or "
-                         "torch.export file", hint="Supported: .onnx, .pkl/.joblib (scikit-learn),"
-                         " .pt (TorchScript), .pt2 (torch.export).")
+    raise ModelLoadError(str(path), "its contents are not an ONNX, pickle, TorchScript, "
+                         "torch.export or skops file", hint=_SUPPORTED)
 
 
 def import_file(path: str | Path, *, input_specs: list | None = None) -> Imported:
@@ -82,6 +97,9 @@ def import_file(path: str | Path, *, input_specs: list | None = None) -> Importe
     if fmt == "pkl":
         from optiserve.convert.sklearn import import_pickle
         return import_pickle(path)
+    if fmt == "skops":
+        from optiserve.convert.sklearn import import_skops
+        return import_skops(path)
     from optiserve.convert.torch import import_torch_file
     return import_torch_file(path, fmt, input_specs=input_specs)
 

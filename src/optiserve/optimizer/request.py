@@ -6,7 +6,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from optiserve.core.settings import check_threshold
 from optiserve.data.sources import DatasetSpec
 
 
@@ -27,7 +26,7 @@ class OptimizeRequest(BaseModel):
         None, description="Rows for passes that calibrate (OpenVINO INT8); default: the "
         "validation rows.")
     accuracy_threshold: float | None = Field(
-        None, description="Keep >= this fraction of the original metric; default "
+        None, gt=0, le=1, description="Keep >= this fraction of the original metric; default "
         "OPTIMIZATION_ACCURACY_THRESHOLD.")
     batch_sizes: list[int] = Field(
         default_factory=lambda: [1], description="Batch sizes to benchmark. The fastest "
@@ -35,11 +34,6 @@ class OptimizeRequest(BaseModel):
         "at that size; the report's latency_ms is p50 at the first size.")
     iterations: int = Field(200, ge=1, description="Timed calls per candidate and batch size.")
     warmup: int = Field(20, ge=0, description="Untimed calls first.")
-
-    @field_validator("accuracy_threshold")
-    @classmethod
-    def _threshold(cls, v: float | None) -> float | None:
-        return None if v is None else check_threshold(v)
 
     @field_validator("batch_sizes")
     @classmethod

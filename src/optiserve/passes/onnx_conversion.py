@@ -37,10 +37,10 @@ class OnnxConversion(Pass):
         opset = config.opset or ctx.settings.onnx_opset_version
         out = ctx.workdir / "converted.onnx"
         notes: list[str] = []
-        if artifact.format == "pkl":
-            from optiserve.convert.sklearn import load_pickle, to_onnx
+        if artifact.format in ("pkl", "skops"):
+            from optiserve.convert.sklearn import load_estimator, to_onnx
 
-            est = load_pickle(artifact.path)
+            est = load_estimator(artifact.path, artifact.format)
             n = artifact.signature.inputs[0].shape[1]
             proto = to_onnx(est, n, dtype=config.dtype, opset=opset)
             write_meta(proto, {k: v for k, v in artifact.meta.items()

@@ -24,8 +24,8 @@ RUNTIMES: dict[str, str] = {
     "openvino": "optiserve.runtimes.openvino:OpenVINORuntime",
 }
 # artifact format -> runtime that runs it natively
-FORMAT_RUNTIME = {"onnx": "onnxruntime", "pkl": "sklearn", "torchscript": "torch", "pt2": "torch",
-                  "openvino": "openvino"}
+FORMAT_RUNTIME = {"onnx": "onnxruntime", "pkl": "sklearn", "skops": "sklearn",
+                  "torchscript": "torch", "pt2": "torch", "openvino": "openvino"}
 
 
 class Runtime(ABC):

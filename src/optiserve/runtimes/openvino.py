@@ -1,4 +1,8 @@
-"""OpenVINO runtime (CPU): reads the .ovz artifact (model.xml + model.bin) from memory."""
+"""OpenVINO runtime (CPU): reads the .ovz artifact (model.xml + model.bin) from memory.
+
+Inference precision is pinned to f32: on CPUs with AMX or AVX512-BF16 OpenVINO otherwise runs
+FP32 layers in bf16, so an "FP32" artifact would silently compute something else. (A bf16
+candidate belongs in the search, measured and gated like the others.)"""
 
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ class OpenVINORuntime(Runtime):
         core = ov.Core()
         model = core.read_model(model=xml, weights=ov.Tensor(np.frombuffer(weights, np.uint8)))
         self.compiled = core.compile_model(model, "CPU", {
-            "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": self.threads})
+            "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": self.threads,
+            "INFERENCE_PRECISION_HINT": "f32"})
         self.request = self.compiled.create_infer_request()
         self._inputs = {p.get_any_name(): p.get_element_type().to_dtype()
                         for p in self.compiled.inputs}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from optiserve.convert.sklearn import load_pickle
+from optiserve.convert.sklearn import load_estimator
 from optiserve.runtimes.base import Runtime
 
 
@@ -12,7 +12,7 @@ class SklearnRuntime(Runtime):
     name = "sklearn"
 
     def load(self) -> None:
-        self.model = load_pickle(self.path)
+        self.model = load_estimator(self.path, self.format)
 
     def predict(self, inputs, outputs=None):
         x = next(iter(inputs.values()))
