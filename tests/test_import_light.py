@@ -38,3 +38,9 @@ def test_unknown_attribute_on_package_root_is_an_attribute_error():
         assert "not_a_thing" in str(exc)
     else:
         raise AssertionError("optiserve.not_a_thing did not raise AttributeError")
+
+
+def test_the_server_and_its_job_worker_load_no_heavy_framework():
+    loaded = _loaded_after("import optiserve.server.app, optiserve.jobs.worker\n"
+                           "optiserve.server.app.create_app")
+    assert loaded == []

@@ -101,3 +101,22 @@ def test_demo_churn_runs_the_seed_request(optiserve_home):
     assert "churn: scikit-learn pipeline, the seed's request" in proc.stdout
     assert "status: completed" in proc.stdout and "artifact: churn-v2" in proc.stdout
     assert (optiserve_home / "demo" / "ml_features.db").is_file()
+
+
+def test_keys_create_list_revoke(optiserve_home):
+    made = cli("keys", "create", "ci-bot", "--scope", "read", "--scope", "optimize",
+               home=optiserve_home)
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip()
+    assert token.startswith("osk_") and "not shown again" in made.stderr
+    listed = json.loads(cli("keys", "list", "--json", home=optiserve_home).stdout)
+    assert [(k["name"], k["scopes"], k["revoked_at"]) for k in listed] == [
+        ("ci-bot", ["optimize", "read"], None)]
+    assert token.split("_", 2)[2] not in json.dumps(listed)
+    revoked = cli("keys", "revoke", listed[0]["id"], home=optiserve_home)
+    assert revoked.returncode == 0 and "revoked" in revoked.stdout
+    assert json.loads(cli("keys", "list", "--json", home=optiserve_home).stdout)[0]["revoked_at"]
+    bad = cli("keys", "create", "x", "--scope", "root", home=optiserve_home)
+    assert bad.returncode == 2 and "root" in one_line_error(bad)
+    again = cli("keys", "revoke", "nobody", home=optiserve_home)
+    assert again.returncode == 2 and "No active API key" in one_line_error(again)

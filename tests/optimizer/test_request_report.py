@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from optiserve.api import parse_request
+
 from optiserve.core.errors import ConfigError
 from optiserve.optimizer.report import _pct
 from optiserve.optimizer.request import OptimizeRequest
@@ -25,8 +27,8 @@ def test_quantization_config_merges_into_pass_configs():
 
 
 def test_threshold_is_checked():
-    with pytest.raises(ConfigError, match="outside"):
-        OptimizeRequest(model_id="m", accuracy_threshold=1.01)
+    with pytest.raises(ConfigError, match="accuracy_threshold' is invalid"):
+        parse_request({"model_id": "m", "accuracy_threshold": 1.01})
     assert OptimizeRequest(model_id="m", accuracy_threshold=1.0).accuracy_threshold == 1.0
 
 

@@ -84,3 +84,23 @@ def test_keys_are_stored_hashed(server):
 def test_auth_off_only_when_asked(make_server):
     live = make_server(auth="off")
     assert live.client(token=None).get("/api/v1/models").status_code == 200
+
+
+def test_serve_warns_loudly_when_auth_is_off_on_a_public_address(optiserve_home):
+    import os
+    import subprocess
+    import sys
+
+    from tests.server.conftest import free_port
+
+    env = {**os.environ, "OPTISERVE_AUTH": "off", "COLUMNS": "200"}
+    proc = subprocess.Popen([sys.executable, "-m", "optiserve", "serve", "--host", "0.0.0.0",
+                             "--port", str(free_port()), "--log-level", "warning"],
+                            env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        first = proc.stderr.readline()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert "WARNING: OPTISERVE_AUTH=off" in first and "0.0.0.0" in first
+    assert "anyone who can reach it" in first

@@ -92,3 +92,75 @@ def test_unknown_model_and_artifact_are_404(server):
         r = c.get(path)
         assert r.status_code == 404 and r.json()["error"]
     assert c.delete("/api/v1/models/nope").status_code == 404
+
+
+@pytest.mark.integration
+def test_skops_upload_then_optimize_over_http(server, logreg, breast_cancer, tmp_path):
+    import skops.io
+
+    import numpy as np
+
+    skops.io.dump(logreg, tmp_path / "m.skops")
+    c = server.client()
+    r = upload(c, "cancer", (tmp_path / "m.skops").read_bytes(), "m.skops")
+    assert r.status_code == 201, r.text
+    assert (r.json()["format"], r.json()["framework"]) == ("skops", "sklearn")
+    folder = server.settings.data_folder
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / "cancer.npz", input=breast_cancer.X_val, label=breast_cancer.y_val)
+    body = {"model_id": "cancer", "optimizations": ["onnx_conversion"], "iterations": 20,
+            "warmup": 2, "validation_dataset": {"source": "file", "path": "cancer.npz",
+                                                "label_column": "label"}}
+    done = c.post("/api/v1/inference/optimize?wait=true", json=body)
+    assert done.status_code == 200, done.text
+    report = done.json()
+    assert report["original"]["format"] == "skops" and report["optimized"]["format"] == "onnx"
+    assert report["optimized"]["accuracy"] >= 0.99 * report["original"]["accuracy"]
+
+
+@pytest.mark.integration
+def test_torchscript_upload_with_input_specs(server, digits_net, tmp_path):
+    import torch
+
+    torch.jit.save(torch.jit.trace(digits_net, torch.zeros(2, 64)), tmp_path / "net.pt")
+    c = server.client()
+    data = (tmp_path / "net.pt").read_bytes()
+    r = upload(c, "net", data, "net.pt", inputs=["x:float32[-1,64]"])
+    assert r.status_code == 201, r.text
+    assert r.json()["signature"]["inputs"] == [{"name": "x", "dtype": "float32",
+                                                "shape": [-1, 64]}]
+    missing = upload(c, "net", data, "net.pt")
+    assert missing.status_code == 400 and "input" in missing.json()["error"].lower()
+
+
+def test_benchmark_endpoint_gives_the_seed_shape(server):
+    c = server.client()
+    assert upload(c, "lin", _onnx_bytes()).status_code == 201
+    r = c.post("/api/v1/inference/benchmark", json={
+        "model_id": "lin", "iterations": 30, "warmup_iterations": 3, "batch_sizes": [1, 8]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["model_id"], body["version"], body["runtime"]) == ("lin", 1, "onnxruntime")
+    bench = body["benchmark"]
+    assert (bench["iterations"], bench["warmup_iterations"], bench["batch_sizes"]) == (30, 3, [1, 8])
+    for key in ("batch_1", "batch_8"):
+        row = bench["results"][key]
+        assert row["runs"] == 30
+        assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+        assert row["throughput"] > 0
+
+
+def test_health_version_and_openapi(server):
+    c = server.client()
+    assert c.get("/api/v1/health").json()["database"] == "sqlite"
+    v = c.get("/api/v1/version").json()
+    assert v["api"] == "v1" and v["optiserve"]
+    spec = c.get("/openapi.json").json()
+    paths = set(spec["paths"])
+    assert {"/api/v1/models", "/api/v1/models/{model_id}", "/api/v1/artifacts/{artifact_id}",
+            "/api/v1/inference/optimize", "/api/v1/inference/optimizations/{optimization_id}",
+            "/api/v1/inference/benchmark", "/api/v1/health", "/api/v1/version"} <= paths
+    body = spec["components"]["schemas"]["OptimizeRequest"]["properties"]
+    assert {"model_id", "optimizations", "quantization_config", "validation_dataset",
+            "accuracy_threshold"} <= set(body)
+    assert c.get("/docs").status_code == 200
