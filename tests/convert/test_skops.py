@@ -235,3 +235,19 @@ def test_schema_json_check_runs_before_torch_checks(tmp_path):
         z.writestr("archive/constants.pkl", b"")
         z.writestr("schema.json", json.dumps({"protocol": 2}))
     assert sniff(path) == "skops"
+
+
+@pytest.mark.parametrize("name, trusted", [
+    ("sklearn.linear_model._logistic.LogisticRegression", True),
+    ("numpy.dtype", True),
+    ("numpy.float64", True),
+    ("numpy.testing._private.utils.runstring", False),  # a function: skops would call it
+    ("numpy.load", False),
+    ("scipy.io.loadmat", False),
+    ("sklearn.utils.deprecated", True),  # a class in sklearn; harmless to construct
+    ("os.system", False),
+])
+def test_only_classes_of_the_trusted_packages_are_trusted(name, trusted):
+    from optiserve.convert.sklearn import _trusted_type
+
+    assert _trusted_type(name) is trusted

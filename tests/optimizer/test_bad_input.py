@@ -147,3 +147,21 @@ def test_empty_validation_data_is_a_dataset_error(sqlite_registry, linear, tmp_p
 def test_benchmark_needs_one_timed_call(sqlite_registry, linear):
     with pytest.raises(ConfigError, match="iterations=0"):
         optiserve.benchmark("lin", registry=sqlite_registry, iterations=0)
+
+
+def test_time_limit_after_a_candidate_keeps_it_with_status_timeout(sqlite_registry):
+    """The best candidate so far is kept and registered; the status says the search was cut."""
+    from optiserve.api import parse_request
+    from optiserve.optimizer.pipeline import Optimizer
+
+    optiserve.register("lin", linear_onnx(), registry=sqlite_registry)
+    request = parse_request({"model_id": "lin", "iterations": 5, "warmup": 1,
+                             "optimizations": ["graph_optimization", "quantization"]})
+    optimizer = Optimizer(sqlite_registry, request,
+                          on_candidate=lambda cand: setattr(optimizer, "deadline", 0))
+    result = optimizer.run()
+    assert result.status == result.response["status"] == "timeout"
+    assert [c.artifact.label for c in result.candidates] == ["graph_optimization"]
+    assert any("OPTIMIZATION_MAX_TIME_MINUTES" in n for n in result.notes)
+    assert result.version.status == "ready" and result.version.version == 2
+    assert sqlite_registry.runs.get(result.run_id)["status"] == "timeout"

@@ -130,3 +130,27 @@ def test_bad_benchmark_requests(lin):
 
 def test_unknown_endpoint_is_json_404(lin):
     _error(lin.client().get("/api/v1/nothing"), 404, "No such endpoint")
+
+
+def test_odd_values_are_4xx_not_500(lin):
+    c = lin.client()
+    nul = {"model_id": "lin", "validation_dataset": {"source": "file", "path": "a\u0000b.npz"}}
+    _error(c.post(OPT, json=nul), 400, "not usable")
+    long = {"model_id": "lin", "validation_dataset": {"source": "file", "path": "a" * 5000}}
+    assert c.post(OPT, json=long).status_code == 400
+    _error(c.post(OPT, json={"model_id": "lin:\u00b2"}), 400, "is not a number")
+    _error(c.post(OPT, json={"model_id": "lin", "batch_sizes": [10_000_000]}), 422,
+           "batch_sizes")
+    _error(c.post(OPT, json={"model_id": "lin", "iterations": 10**9}), 422, "iterations")
+    r = upload(c, "ts", b"PK\x03\x04 not really", "m.pt", inputs=["x:float32[-2,3]"])
+    assert 400 <= r.status_code < 500
+    _no_new_runs_or_versions(lin)
+
+
+@pytest.mark.parametrize("spec", ["x:float32[-2,3]", "x:float32[0,3]", "x:float32[100000,100000]"])
+def test_unusable_input_dimensions_are_a_config_error(spec):
+    from optiserve.convert.torch import parse_input_spec
+    from optiserve.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="dimension that is not usable"):
+        parse_input_spec(spec)

@@ -164,3 +164,33 @@ def test_health_version_and_openapi(server):
     assert {"model_id", "optimizations", "quantization_config", "validation_dataset",
             "accuracy_threshold"} <= set(body)
     assert c.get("/docs").status_code == 200
+
+
+@pytest.mark.integration
+def test_torch_export_upload_is_refused_it_can_carry_pickles(server, tmp_path):
+    import torch
+
+    class Twice(torch.nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    torch.export.save(torch.export.export(Twice(), (torch.zeros(2, 3),)), tmp_path / "m.pt2")
+    r = upload(server.client(), "m", (tmp_path / "m.pt2").read_bytes(), "m.pt2")
+    assert r.status_code == 415
+    assert "torch.export" in r.json()["error"] and "ONNX" in r.json()["error"]
+    assert server.registry.models() == []
+
+
+def test_oversized_chunked_upload_without_length_is_413(make_server):
+    live = make_server(max_upload_mb=0.001)  # 1 kB
+
+    def chunks():
+        yield (b'--b\r\nContent-Disposition: form-data; name="file"; filename="m.onnx"\r\n'
+               b"Content-Type: application/octet-stream\r\n\r\n")
+        for _ in range(64):
+            yield b"x" * 1024
+
+    r = live.client().post("/api/v1/models", content=chunks(),
+                           headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 413 and "OPTISERVE_MAX_UPLOAD_MB" in r.json()["error"]
+    assert live.registry.models() == []

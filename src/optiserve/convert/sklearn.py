@@ -11,6 +11,8 @@ conversion never hides that: parity (max error, label agreement) is measured and
 
 from __future__ import annotations
 
+import importlib
+
 import json
 import pickle
 import zipfile
@@ -77,7 +79,28 @@ _SHOWN_TYPES = 5
 
 
 def _trusted_type(name: str) -> bool:
-    return name.split(".")[0] in _TRUSTED_PACKAGES or name in _TRUSTED_BUILTINS
+    """Only classes are trusted, never functions (skops calls what it loads: a trusted
+    function would be code execution): scikit-learn classes, NumPy arrays / dtypes / scalars /
+    random generators, SciPy sparse matrices, and plain builtin data types."""
+    if name in _TRUSTED_BUILTINS:
+        return True
+    module, _, attr = name.rpartition(".")
+    if module.split(".")[0] not in _TRUSTED_PACKAGES:
+        return False
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except Exception:  # not importable: not trusted
+        return False
+    if not isinstance(obj, type):
+        return False
+    if module.split(".")[0] == "sklearn":
+        return True
+    if module.split(".")[0] == "numpy":
+        import numpy as np
+
+        return issubclass(obj, (np.dtype, np.generic, np.ndarray, np.random.Generator,
+                                np.random.BitGenerator, np.random.RandomState))
+    return module.startswith("scipy.sparse")
 
 
 def _skops_unsafe_types() -> set[str]:

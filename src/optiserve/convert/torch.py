@@ -40,6 +40,10 @@ def parse_input_spec(text: str) -> TensorSpec:
         raise ConfigError(f"Unknown dtype {dtype!r} in input spec {text!r}.",
                           hint="Use a numpy dtype name: float32, int64, ...") from None
     shape = tuple(int(d) for d in dims.split(",") if d.strip())
+    if any(d < -1 or d == 0 for d in shape) or np.prod([max(d, 8) for d in shape]) > 1e8:
+        raise ConfigError(f"Input spec {text!r} has a dimension that is not usable.",
+                          hint="Dimensions are positive sizes, or -1 for a dynamic one, and the "
+                          "tensor must stay under 10^8 elements.")
     return TensorSpec(name=name, dtype=dtype, shape=shape)
 
 

@@ -97,9 +97,9 @@ class Settings(BaseSettings):
         "killed and marked timeout.",
     )
     job_stale_s: float = Field(
-        60, gt=0, validation_alias="OPTISERVE_JOB_STALE_S",
-        description="A running job whose server has not beaten its heartbeat for this long is "
-        "marked failed.",
+        60, ge=15, validation_alias="OPTISERVE_JOB_STALE_S",
+        description="A running job whose server has not beaten its heartbeat (every 5 s) for "
+        "this long is marked failed; at least 15 s.",
     )
 
     @field_validator("optimization_accuracy_threshold")

@@ -55,8 +55,12 @@ def read(spec: DatasetSpec, settings: Settings, *, base_dir: Path | None = None)
     path = Path(spec.path or "")
     if base_dir is not None and not path.is_absolute():
         path = base_dir / path
-    if not path.is_file():
-        raise DatasetError(f"Validation file '{path}' does not exist.",
+    try:
+        exists = path.is_file()
+    except (OSError, ValueError):  # a name too long, a NUL byte
+        exists = False
+    if not exists:
+        raise DatasetError(f"Validation file '{str(path)[:200]}' does not exist.",
                            hint="Give the path of a .csv, .parquet or .npz file.")
     suffix = path.suffix.lower()
     readers = {".csv": _csv, ".parquet": _parquet, ".npz": _npz}
@@ -122,7 +126,12 @@ def confine(spec: DatasetSpec | None, root: Path) -> DatasetSpec | None:
     if spec is None or spec.source != "file":
         return spec
     root = root.resolve()
-    path = (root / (spec.path or "")).resolve()
+    try:
+        path = (root / (spec.path or "")).resolve()
+    except (ValueError, OSError) as exc:  # NUL bytes, names too long
+        raise DatasetError(f"Validation file path {spec.path[:80]!r} is not usable: "
+                           f"{first_line(exc, 100)}.",
+                           hint="Give a plain path relative to OPTISERVE_DATA_DIR.") from None
     if not path.is_relative_to(root):
         raise DatasetError(f"Validation file '{spec.path}' is outside the data folder.",
                            hint=f"Over HTTP, files are read only from {root} "

@@ -67,11 +67,19 @@ def read_sql(url: str, query: str, *, max_rows: int, timeout_s: float,
             if dialect == "postgresql":
                 conn.execute(text("SET TRANSACTION READ ONLY"))
                 conn.execute(text(f"SET LOCAL statement_timeout = {int(timeout_s * 1000)}"))
-            result = conn.execute(text(query))
-            columns = list(result.keys())
-            rows = result.fetchmany(max_rows + 1)
+            if engine.dialect.driver == "psycopg":
+                # a server-side prepared statement holds exactly one statement, whatever the
+                # text hides from check_select (dollar quotes, E'' strings): no "; COMMIT; ..."
+                cur = conn.connection.driver_connection.cursor()
+                cur.execute(query, prepare=True)
+                columns = [d.name for d in cur.description or ()]
+                rows = cur.fetchmany(max_rows + 1)
+            else:
+                result = conn.execute(text(query))
+                columns = list(result.keys())
+                rows = result.fetchmany(max_rows + 1)
             conn.rollback()
-    except SQLAlchemyError as exc:
+    except (SQLAlchemyError, *_driver_errors(engine)) as exc:
         msg = first_line(getattr(exc, "orig", exc))
         raise DatasetError(f"The query on data source '{source}' failed: {msg}",
                            hint="Check table and column names against the data source.") from None
@@ -84,6 +92,11 @@ def read_sql(url: str, query: str, *, max_rows: int, timeout_s: float,
         raise DatasetError(f"The query on data source '{source}' returned no rows.",
                            hint="Validation needs at least one row.")
     return {c: _column([r[i] for r in rows]) for i, c in enumerate(columns)}
+
+
+def _driver_errors(engine) -> tuple[type[Exception], ...]:
+    error = getattr(engine.dialect.dbapi, "Error", None)
+    return (error,) if isinstance(error, type) else ()
 
 
 def _connect_args(url: str) -> dict:

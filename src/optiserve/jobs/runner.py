@@ -51,7 +51,7 @@ class JobRunner:
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
-        for run_id in self.runs.reap(stale_after_s=self.settings.job_stale_s):
+        for run_id in self._reap():
             log.warning("optimization %s was interrupted (its owner is gone): marked failed",
                         run_id)
         for i in range(self.workers):
@@ -63,17 +63,12 @@ class JobRunner:
         self._threads.append(t)
 
     def stop(self) -> None:
-        """Stop taking jobs; the running ones are killed and marked failed (say so)."""
+        """Stop taking jobs. Each supervisor kills its running job and marks it failed (the
+        server is going away; the job cannot finish)."""
         self._stop.set()
         self._wake.set()
-        with self._lock:
-            children = dict(self._children)
-        for run_id, proc in children.items():
-            _kill(proc)
-            self.runs.finish(run_id, "failed", error="The server stopped while this "
-                             "optimization ran. Submit it again.", error_status=503)
         for t in self._threads:
-            t.join(timeout=10)
+            t.join(timeout=30)
 
     def submit(self, request: OptimizeRequest, model: str) -> str:
         run_id = self.runs.create(model, request.model_dump(mode="json"), status="queued")
@@ -96,8 +91,11 @@ class JobRunner:
                 self._supervise(run_id)
             except Exception as exc:  # never let one job take a worker down
                 log.exception("supervising %s failed", run_id)
-                self.runs.finish(run_id, "failed", error=f"The server failed to run it: "
-                                 f"{type(exc).__name__}: {exc}", error_status=500)
+                try:
+                    self.runs.finish(run_id, "failed", error=f"The server failed to run it: "
+                                     f"{type(exc).__name__}: {exc}", error_status=500)
+                except Exception:  # the database is away: the reaper ends it later
+                    log.exception("could not record the failure of %s", run_id)
 
     def _supervise(self, run_id: str) -> None:
         limit_s = 60 * self.settings.optimization_max_time_minutes + self.settings.job_grace_s
@@ -114,8 +112,20 @@ class JobRunner:
             try:
                 while proc.poll() is None:
                     if self._stop.is_set():
-                        return  # stop() kills the child and records the run
-                    if self.runs.cancel_requested(run_id):
+                        _kill(proc)
+                        self.runs.finish(run_id, "failed", error="The server stopped while this "
+                                         "optimization ran. Submit it again.", error_status=503)
+                        return
+                    try:
+                        run = self.runs.get(run_id)
+                    except Exception:  # the database is away for a moment: keep watching
+                        log.warning("cannot read job %s; retrying", run_id, exc_info=True)
+                        self._stop.wait(1.0)
+                        continue
+                    if run["status"] not in ("queued", "running"):
+                        _kill(proc)  # ended elsewhere (reaped by another server): stop it
+                        return
+                    if run["cancel_requested"]:
                         _kill(proc)
                         ended_by = ("cancelled", "Cancelled by request, during: {stage}.", 409)
                     elif time.monotonic() - started > limit_s:
@@ -127,6 +137,8 @@ class JobRunner:
                     else:
                         self._stop.wait(self.poll_s)
             finally:
+                if proc.poll() is None:  # leaving for any reason: never leave a child behind
+                    _kill(proc)
                 with self._lock:
                     self._children.pop(run_id, None)
             stderr.seek(0)
@@ -140,13 +152,18 @@ class JobRunner:
             self.runs.finish(run_id, "failed", error=f"The optimization process exited with "
                              f"code {proc.returncode}: {last_words}", error_status=500)
 
+    def _reap(self) -> list[str]:
+        limit_s = 60 * self.settings.optimization_max_time_minutes + self.settings.job_grace_s
+        return self.runs.reap(stale_after_s=self.settings.job_stale_s,
+                              max_age_s=2 * limit_s + self.settings.job_stale_s)
+
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             with self._lock:
                 running = list(self._children)
             try:
                 self.runs.heartbeat(running)
-                self.runs.reap(stale_after_s=self.settings.job_stale_s)  # owners that died
+                self._reap()  # runs whose owner died
             except Exception:
                 log.exception("job heartbeat failed")
 

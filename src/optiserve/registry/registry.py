@@ -225,7 +225,7 @@ class Registry:
     def resolve(self, ref: str) -> VersionInfo:
         """'name' or 'name:version'."""
         name, _, ver = ref.partition(":")
-        if ver and not ver.isdigit():
+        if ver and not (ver.isascii() and ver.isdigit()):
             raise ConfigError(f"Version {ver!r} in {ref!r} is not a number.",
                               hint="Write MODEL or MODEL:VERSION, e.g. churn:2.")
         return self.get(name, int(ver) if ver else None)

@@ -146,15 +146,14 @@ class Runs:
                       .values(cancel_requested=True))
         return self.get(run_id)
 
-    def cancel_requested(self, run_id: str) -> bool:
-        with self._session() as s:
-            return bool(s.scalar(select(RunRow.cancel_requested).where(RunRow.id == run_id)))
-
-    def reap(self, *, stale_after_s: float) -> list[str]:
-        """Fail the running runs nobody runs any more: their process on this host is gone, or
-        their server has not beaten the heartbeat for `stale_after_s`."""
+    def reap(self, *, stale_after_s: float, max_age_s: float) -> list[str]:
+        """Fail the running runs nobody runs any more: their process on this host is gone,
+        their server has not beaten the heartbeat for `stale_after_s`, or (runs without a
+        heartbeat: the CLI's) they started more than `max_age_s` ago. Clocks of servers that
+        share a database must agree (NTP) to well within `stale_after_s`."""
         host = socket.gethostname()
         cutoff = utcnow() - timedelta(seconds=stale_after_s)
+        too_old = utcnow() - timedelta(seconds=max_age_s)
         reaped = []
         with self._session() as s:
             rows = list(s.scalars(select(RunRow).where(RunRow.status == "running")))
@@ -168,6 +167,9 @@ class Runs:
                 reason = (f"its server ({row.owner}) stopped beating its heartbeat at "
                           f"{row.heartbeat_at.isoformat(timespec='seconds')}, during: "
                           f"{row.stage or 'start-up'}")
+            elif row.heartbeat_at is None and (row.started_at or row.created_at) < too_old:
+                reason = (f"it started at {(row.started_at or row.created_at).isoformat(timespec='seconds')}"
+                          f" in {row.owner or 'an unknown process'} and is past any time limit")
             if reason and self.finish(row.id, "failed", error=f"Interrupted: {reason}. "
                                       "Submit the optimization again.", error_status=500):
                 reaped.append(row.id)

@@ -19,27 +19,47 @@ class BodyLimit:
                                hint="Raise OPTISERVE_MAX_UPLOAD_MB on the server, or send a "
                                "smaller file.")
 
+    async def _refuse(self, send) -> None:
+        body = json.dumps({"error": str(self._error())}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            body = json.dumps({"error": str(self._error())}).encode()
-            await send({"type": "http.response.start", "status": 413,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode()),
-                                    (b"connection", b"close")]})
-            await send({"type": "http.response.body", "body": body})
-            return
-        received = 0
+            return await self._refuse(send)
+        # A body without Content-Length (chunked) is counted as it arrives: past the limit the
+        # app is told the client left, whatever it answers is dropped, and 413 goes out instead.
+        received, over, started = 0, False, False
 
         async def limited():
-            nonlocal received
+            nonlocal received, over
+            if over:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:  # a chunked body without Content-Length
-                    raise self._error()
+                if received > self.max_bytes:
+                    over = True
+                    return {"type": "http.disconnect"}
             return message
 
-        await self.app(scope, limited, send)
+        async def guarded_send(message):
+            nonlocal started
+            if over:
+                return
+            started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited, guarded_send)
+        except Exception:
+            if not over:
+                raise
+        if over and not started:
+            await self._refuse(send)

@@ -11,6 +11,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException
 
 from optiserve.core.errors import GateFailedError, OptiserveError, first_line
@@ -59,7 +60,15 @@ async def _http(_: Request, exc: HTTPException) -> JSONResponse:
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     if exc.status_code == 404 and message == "Not Found":
         message = "No such endpoint. See /docs for the API."
-    return error_response(exc.status_code, message)
+    response = error_response(exc.status_code, message)
+    response.headers.update(exc.headers or {})  # e.g. Allow on a 405
+    return response
+
+
+async def _data(_: Request, exc: DataError) -> JSONResponse:
+    """A value the database cannot take (a NUL byte in an id on PostgreSQL)."""
+    return error_response(400, "A value in the request is not valid text for the registry "
+                          f"({first_line(getattr(exc, 'orig', exc), 120)}).")
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -72,4 +81,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(OptiserveError, _optiserve)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(HTTPException, _http)
+    app.add_exception_handler(DataError, _data)
     app.add_exception_handler(Exception, _unexpected)

@@ -141,11 +141,11 @@ def version():
 # -- models -------------------------------------------------------------------------------
 @router.post("/models", tags=["models"], status_code=201,
              dependencies=[Depends(scope("models:write"))],
-             summary="Register a model: ONNX, TorchScript, torch.export or skops (no pickles)")
+             summary="Register a model: ONNX, TorchScript or skops (no pickles, no .pt2)")
 def register_model(
     registry: Reg,
-    file: UploadFile = File(description=".onnx, .pt (TorchScript), .pt2 (torch.export) or "
-                            ".skops (scikit-learn saved with skops.io.dump)"),
+    file: UploadFile = File(description=".onnx, .pt (TorchScript) or .skops (scikit-learn "
+                            "saved with skops.io.dump)"),
     name: str = Form(description="Model name, e.g. churn."),
     inputs: list[str] | None = Form(None, description="TorchScript input specs "
                                     "NAME:DTYPE[DIMS], one per input."),
@@ -165,6 +165,13 @@ def register_model(
                 "it contains.", hint="Save a scikit-learn model with skops "
                 "(skops.io.dump(model, 'model.skops')) or convert it to ONNX, and upload that; "
                 "a pickle can be registered from a local path with `optiserve register`.")
+        if fmt == "pt2":
+            raise UnsupportedUpload(
+                "torch.export archives are refused over the network: torch loads the pickles "
+                "they may hold (weights, constants, sample inputs) without restriction, which "
+                "runs any code they contain.", hint="Export to ONNX (torch.onnx.export) or "
+                "TorchScript (torch.jit.trace) and upload that; a .pt2 can be registered from "
+                "a local path with `optiserve register`.")
         if path.suffix == "":
             path = path.rename(path.with_suffix(EXTENSIONS[fmt]))
         v = api.register(name, path, registry=registry, inputs=inputs or None,
@@ -243,11 +250,12 @@ async def optimize(body: OptimizeRequest, request: Request, registry: Reg,
         return JSONResponse(status_code=202, content={
             "optimization_id": run_id, "status": "queued", "model_id": body.model_id,
             "links": {"self": f"/api/v1/inference/optimizations/{run_id}"}})
-    while True:
+    while not await request.is_disconnected():  # a client that left stops the waiting, not the job
         run = await run_in_threadpool(registry.runs.get, run_id)
         if run["status"] in TERMINAL:
             return _finished(run)
         await asyncio.sleep(0.25)
+    return JSONResponse(status_code=202, content={"optimization_id": run_id, "status": "queued"})
 
 
 def _finished(run: dict[str, Any]) -> JSONResponse:
@@ -298,7 +306,12 @@ _BENCH_LOCK = threading.Lock()  # one at a time: two would time each other's loa
              summary="Latency p50/p95/p99 of a version in its own runtime (the seed's shape)")
 def benchmark(body: BenchmarkRequest, registry: Reg):
     dataset = confine(body.dataset, registry.settings.data_folder)
-    with _BENCH_LOCK:
+    if not _BENCH_LOCK.acquire(blocking=False):
+        raise ConflictError("Another benchmark is running on this server; two at once would "
+                            "time each other's load.", hint="Retry when it has finished.")
+    try:
         return api.benchmark(body.model_id, batch_sizes=body.batch_sizes,
                              iterations=body.iterations, warmup=body.warmup_iterations,
                              registry=registry, dataset=dataset, max_seconds=body.max_seconds)
+    finally:
+        _BENCH_LOCK.release()
