@@ -12,18 +12,10 @@ import time
 import numpy as np
 import pytest
 
+from optiserve.optimizer.request import SEED_REQUEST  # the seed document's body, verbatim
 from tests.server.conftest import free_port
 
 pytestmark = pytest.mark.integration
-
-SEED_REQUEST = {  # the seed document's body, verbatim
-    "model_id": "model-xyz789",
-    "optimizations": ["onnx_conversion", "quantization"],
-    "quantization_config": {"method": "dynamic", "precision": "int8"},
-    "validation_dataset": {"source": "sql",
-                           "query": "SELECT * FROM ml_features.customer_churn LIMIT 1000"},
-    "accuracy_threshold": 0.99,
-}
 
 
 @pytest.fixture(scope="session")

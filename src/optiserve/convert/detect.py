@@ -21,7 +21,7 @@ EXTENSIONS = {"onnx": ".onnx", "pkl": ".pkl", "skops": ".skops", "torchscript": 
               "pt2": ".pt2", "openvino": ".ovz"}
 FRAMEWORKS = {"onnx": "onnx", "pkl": "sklearn", "skops": "sklearn", "torchscript": "torch",
               "pt2": "torch", "openvino": "openvino"}
-_EXT_FORMAT = {".onnx": "onnx", ".pkl": "pkl", ".pickle": "pkl", ".joblib": "pkl",
+EXT_FORMAT = {".onnx": "onnx", ".pkl": "pkl", ".pickle": "pkl", ".joblib": "pkl",
                ".skops": "skops", ".pt": "torchscript", ".pth": "torchscript",
                ".jit": "torchscript", ".pt2": "pt2"}
 _SUPPORTED = ("Supported: .onnx, .pkl/.joblib (scikit-learn pickle), .skops (scikit-learn "
@@ -86,7 +86,7 @@ def import_file(path: str | Path, *, input_specs: list | None = None) -> Importe
     if not path.is_file():
         raise ModelLoadError(str(path), "no such file")
     fmt = sniff(path)
-    claimed = _EXT_FORMAT.get(path.suffix.lower())
+    claimed = EXT_FORMAT.get(path.suffix.lower())
     if claimed is not None and claimed != fmt:
         raise ModelLoadError(
             str(path), f"its extension says {claimed} but its contents are {fmt}",

@@ -23,15 +23,9 @@ from optiserve.core.errors import GateFailedError
 from optiserve.data import demo_source as churn_data
 from optiserve.demo import models
 from optiserve.demo.sentences import corpus
+from optiserve.optimizer.request import SEED_REQUEST
 
-SEED_REQUEST = {  # the seed's body; only the model's name is ours
-    "model_id": "churn",
-    "optimizations": ["onnx_conversion", "quantization"],
-    "quantization_config": {"method": "dynamic", "precision": "int8"},
-    "validation_dataset": {"source": "sql",
-                           "query": "SELECT * FROM ml_features.customer_churn LIMIT 1000"},
-    "accuracy_threshold": 0.99,
-}
+SEED_BODY = {**SEED_REQUEST, "model_id": "churn"}  # the seed's body; only the name is ours
 
 
 def run_demo(console: Console, progress_bar, registry, *, minilm: bool = True,
@@ -64,7 +58,7 @@ def run_demo(console: Console, progress_bar, registry, *, minilm: bool = True,
     # is scored on accuracy against the churned column
     v = register("churn", path, registry=registry, label_column=churn_data.LABEL)
     console.print(f"registered {v.ref} from {path} (synthetic data: see optiserve.demo)")
-    run("churn: scikit-learn pipeline, the seed's request", SEED_REQUEST)
+    run("churn: scikit-learn pipeline, the seed's request", SEED_BODY)
 
     if minilm:
         with progress_bar("loading all-MiniLM-L6-v2") as update:

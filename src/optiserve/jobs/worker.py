@@ -35,7 +35,7 @@ def main(run_id: str, parent: int) -> int:
     registry = Registry()
     runs = registry.runs
     run = runs.get(run_id)
-    last = [0.0]
+    last, measured = [0.0], [0]
 
     def progress(message: str, done: float) -> None:
         now = time.monotonic()
@@ -44,9 +44,9 @@ def main(run_id: str, parent: int) -> int:
             runs.progress(run_id, stage=message)
 
     def on_candidate(cand) -> None:
-        done = len(runs.get(run_id)["candidates"]) + 1
+        measured[0] += 1
         runs.progress(run_id, candidate=cand.details(),
-                      fraction=min(0.95, done / optimizer.planned()))
+                      fraction=min(0.95, measured[0] / optimizer.planned()))
 
     try:
         request = OptimizeRequest.model_validate(run["request"])

@@ -274,7 +274,8 @@ class Optimizer:
 
     def _explain_parity(self, cand: Candidate, original: Candidate) -> None:
         differing = cand.parity.get("labels_differing", 0)
-        if differing and original.artifact.format in ("pkl", "skops") and cand.artifact.format == "onnx":
+        if differing and FRAMEWORKS[original.artifact.format] == "sklearn" \
+                and cand.artifact.format == "onnx":
             self._note(f"{differing} of {cand.evaluation.n} labels of {cand.artifact.label} differ "
                        "from scikit-learn's: ONNX tree and linear operators compare features "
                        "in float32 where scikit-learn uses float64, so rows near a split "

@@ -9,8 +9,24 @@ from pydantic import BaseModel, ConfigDict, Field
 from optiserve.data.sources import DatasetSpec
 
 
+# Bounds of the timing options, shared by every request that times (optimize, benchmark).
+BatchSize = Annotated[int, Field(ge=1, le=4096)]
+MAX_BATCH_SIZES, MAX_ITERATIONS, MAX_WARMUP = 16, 100_000, 10_000
+
+# The seed document's request body, verbatim: the OpenAPI example, the demo's request (with its
+# own model name) and the server tests' proof that the contract holds.
+SEED_REQUEST: dict[str, Any] = {
+    "model_id": "model-xyz789",
+    "optimizations": ["onnx_conversion", "quantization"],
+    "quantization_config": {"method": "dynamic", "precision": "int8"},
+    "validation_dataset": {"source": "sql",
+                           "query": "SELECT * FROM ml_features.customer_churn LIMIT 1000"},
+    "accuracy_threshold": 0.99,
+}
+
+
 class OptimizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [SEED_REQUEST]})
 
     model_id: str = Field(description="Registered model name (MODEL or MODEL:VERSION).")
     optimizations: list[str] = Field(
@@ -28,12 +44,14 @@ class OptimizeRequest(BaseModel):
     accuracy_threshold: float | None = Field(
         None, gt=0, le=1, description="Keep >= this fraction of the original metric; default "
         "OPTIMIZATION_ACCURACY_THRESHOLD.")
-    batch_sizes: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
-        default_factory=lambda: [1], min_length=1, max_length=16, description="Batch sizes to benchmark. The fastest "
-        "passing candidate has the best geometric mean over these sizes of p50 / the best p50 "
+    batch_sizes: list[BatchSize] = Field(
+        default_factory=lambda: [1], min_length=1, max_length=MAX_BATCH_SIZES,
+        description="Batch sizes to benchmark. The fastest passing candidate has the best "
+        "geometric mean over these sizes of p50 / the best p50 "
         "at that size; the report's latency_ms is p50 at the first size.")
-    iterations: int = Field(200, ge=1, le=100_000, description="Timed calls per candidate and batch size.")
-    warmup: int = Field(20, ge=0, le=10_000, description="Untimed calls first.")
+    iterations: int = Field(200, ge=1, le=MAX_ITERATIONS,
+                            description="Timed calls per candidate and batch size.")
+    warmup: int = Field(20, ge=0, le=MAX_WARMUP, description="Untimed calls first.")
 
     def configs(self) -> dict[str, dict[str, Any]]:
         merged = dict(self.pass_configs)

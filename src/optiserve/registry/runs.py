@@ -50,7 +50,7 @@ class Runs:
         now = utcnow()
         with self._session.begin() as s:
             s.add(RunRow(id=run_id, model_name=model, status=status, request=request,
-                         owner=owner if status == "queued" else owner or this_process(),
+                         owner=owner or (None if status == "queued" else this_process()),
                          started_at=None if status == "queued" else now, candidates=[],
                          progress=0.0))
         return run_id
@@ -168,8 +168,9 @@ class Runs:
                           f"{row.heartbeat_at.isoformat(timespec='seconds')}, during: "
                           f"{row.stage or 'start-up'}")
             elif row.heartbeat_at is None and (row.started_at or row.created_at) < too_old:
-                reason = (f"it started at {(row.started_at or row.created_at).isoformat(timespec='seconds')}"
-                          f" in {row.owner or 'an unknown process'} and is past any time limit")
+                began = (row.started_at or row.created_at).isoformat(timespec="seconds")
+                reason = (f"it started at {began} in {row.owner or 'an unknown process'} and "
+                          "is past any time limit")
             if reason and self.finish(row.id, "failed", error=f"Interrupted: {reason}. "
                                       "Submit the optimization again.", error_status=500):
                 reaped.append(row.id)

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException
 
-from optiserve.core.errors import GateFailedError, OptiserveError, first_line
+from optiserve.core.errors import OptiserveError, first_line
 
 log = logging.getLogger("optiserve.server")
 
@@ -31,10 +31,7 @@ def _field(err: dict) -> str:
 
 
 async def _optiserve(_: Request, exc: OptiserveError) -> JSONResponse:
-    extra = {}
-    if isinstance(exc, GateFailedError):
-        extra["report"] = exc.report.response
-    return error_response(exc.status, str(exc), **extra)
+    return error_response(exc.status, str(exc))
 
 
 async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -23,11 +23,12 @@ from sqlalchemy import text
 
 import optiserve
 from optiserve import api
-from optiserve.convert.detect import EXTENSIONS, _EXT_FORMAT, sniff
+from optiserve.convert.detect import EXTENSIONS, EXT_FORMAT, sniff
 from optiserve.core.errors import ConflictError, UnsupportedUpload
 from optiserve.data.sources import DatasetSpec, confine
 from optiserve.optimizer.pipeline import Optimizer
-from optiserve.optimizer.request import OptimizeRequest
+from optiserve.optimizer.request import (MAX_BATCH_SIZES, MAX_ITERATIONS, MAX_WARMUP,
+                                         BatchSize, OptimizeRequest)
 from optiserve.registry.registry import Registry, VersionInfo
 from optiserve.registry.runs import TERMINAL
 from optiserve.server.auth import scope
@@ -82,10 +83,10 @@ class BenchmarkRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_id: str = Field(description="MODEL or MODEL:VERSION.")
-    iterations: int = Field(100, ge=1, le=100_000, description="Timed calls per batch size.")
-    warmup_iterations: int = Field(10, ge=0, le=10_000, description="Untimed calls first.")
-    batch_sizes: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
-        default_factory=lambda: [1, 16, 32, 64], min_length=1, max_length=16)
+    iterations: int = Field(100, ge=1, le=MAX_ITERATIONS, description="Timed calls per batch size.")
+    warmup_iterations: int = Field(10, ge=0, le=MAX_WARMUP, description="Untimed calls first.")
+    batch_sizes: list[BatchSize] = Field(
+        default_factory=lambda: [1, 16, 32, 64], min_length=1, max_length=MAX_BATCH_SIZES)
     max_seconds: float = Field(10, gt=0, le=120, description="Cap per batch size.")
     dataset: DatasetSpec | None = Field(
         None, description="Inputs from data (default: synthetic from the signature).")
@@ -154,7 +155,7 @@ def register_model(
 ):
     with tempfile.TemporaryDirectory(prefix="optiserve-upload-") as tmp:
         suffix = Path(file.filename or "").suffix.lower()
-        path = Path(tmp) / f"upload{suffix if suffix in _EXT_FORMAT else ''}"
+        path = Path(tmp) / f"upload{suffix if suffix in EXT_FORMAT else ''}"
         with open(path, "wb") as out:
             while chunk := file.file.read(_CHUNK):
                 out.write(chunk)
