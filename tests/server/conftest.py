@@ -62,7 +62,8 @@ def make_server(request):
     started = []
 
     def make(*, database_url: str | None = None, jobs: bool = True, **overrides) -> Live:
-        settings = load_settings(threads=1, database_url=database_url, **overrides)
+        settings = load_settings(threads=1, database_url=database_url,
+                                 **{"grpc_port": 0, **overrides})
         registry = Registry(settings)
         admin = registry.keys.create("admin", ["admin"])[1]
         app = create_app(settings, registry=registry, jobs=jobs)

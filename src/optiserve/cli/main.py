@@ -225,22 +225,113 @@ def demo(skip_minilm: bool = typer.Option(False, help="Skip the transformer (fas
 
 @app.command()
 def serve(host: str = typer.Option("127.0.0.1", help="Address to listen on."),
-          port: int = typer.Option(8000, help="Port."),
+          port: int = typer.Option(8000, help="HTTP port: management API, /v2, /metrics."),
+          grpc_port: Optional[int] = typer.Option(
+              None, help="gRPC port of the inference protocol (default OPTISERVE_GRPC_PORT, "
+              "8001); 0 turns it off."),
+          jobs: bool = typer.Option(True, help="Run optimization jobs in this server too."),
+          access_log: bool = typer.Option(False, help="Log every request (the /metrics "
+                                          "counters cover it; the log costs throughput)."),
           log_level: str = typer.Option("info", help="uvicorn log level.")):
-    """Run the server: the management REST API (OpenAPI at /docs) and optimization jobs."""
+    """Run the server: inference (Open Inference Protocol over REST and gRPC) for every
+    deployment, the management REST API (OpenAPI at /docs), metrics, optimization jobs."""
     import uvicorn
 
     from optiserve.core.settings import load_settings
     from optiserve.server.app import create_app
 
-    settings = load_settings()
+    settings = load_settings(**({} if grpc_port is None else {"grpc_port": grpc_port}))
     if settings.auth == "off":
         loopback = host in ("127.0.0.1", "localhost", "::1")
         style = "bold red" if not loopback else "yellow"
         err.print(f"[{style}]WARNING: OPTISERVE_AUTH=off: no API key is checked"
                   + ("" if loopback else f" and the server listens on {host}, so anyone who "
                      "can reach it can upload models and run jobs") + ".[/]")
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+    uvicorn.run(create_app(settings, jobs=jobs, host=host), host=host, port=port,
+                log_level=log_level, access_log=access_log, http="httptools", loop="uvloop")
+
+
+@app.command()
+def deploy(name: str = typer.Argument(..., help="Name to serve under (default model: the "
+                                      "registered model of this name)."),
+           model: Optional[str] = typer.Option(None, help="Registered model to serve."),
+           versions: str = typer.Option("latest:1", help="latest:N (the newest N ready "
+                                        "versions) or a list of version numbers, e.g. 2,3."),
+           max_batch_size: int = typer.Option(64, help="Most rows per batch; 0 = no batching."),
+           max_queue_delay_us: int = typer.Option(0, help="Longest an incomplete batch waits "
+                                                  "for more requests; 0 = never waits."),
+           preferred_batch_size: str = typer.Option("", help="Comma-separated batch sizes to "
+                                                    "cut at, e.g. 16,32."),
+           max_queue_size: int = typer.Option(1024, help="Requests that may wait per version; "
+                                              "beyond it: 429."),
+           timeout_ms: int = typer.Option(30_000, help="Longest a request may wait in the "
+                                          "queue; 0 = no limit."),
+           instances: int = typer.Option(1, help="Sessions per version, run in threads."),
+           threads: Optional[int] = typer.Option(None, help="Intra-op threads per instance "
+                                                 "(default: cores / instances)."),
+           allow_nan: bool = typer.Option(False, help="Let NaN/inf inputs through."),
+           as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """Deploy a registered model: loaded and warmed up here as a check, then stored; servers
+    load it when they start or on POST /v2/repository/models/NAME/load."""
+    import asyncio
+
+    from optiserve.server.dataplane import DataPlane
+
+    if versions.startswith("latest:"):
+        policy = {"latest": _ints(versions.removeprefix("latest:"), "--versions latest:")[0]}
+    else:
+        policy = {"specific": _ints(versions, "--versions")}
+    settings = {"model": model or name, "versions": policy, "max_batch_size": max_batch_size,
+                "max_queue_delay_us": max_queue_delay_us,
+                "preferred_batch_sizes": _ints(preferred_batch_size, "--preferred-batch-size"),
+                "max_queue_size": max_queue_size, "timeout_ms": timeout_ms,
+                "instances": instances, "threads": threads, "allow_nan": allow_nan}
+    registry = _registry()
+
+    async def run():
+        plane = DataPlane(registry)
+        try:
+            return [(s.version, s.max_batch_size, s.runtimes[0].name, s.runtimes[0].threads)
+                    for s in await plane.deploy(name, settings, replace=True)]
+        finally:
+            await plane.close()
+
+    loaded = asyncio.run(run())
+    spec = registry.deployments.get(name).spec
+    if as_json:
+        print(json.dumps({"name": name, "spec": spec.model_dump(mode="json"),
+                          "versions": [v for v, *_ in loaded]}, indent=2))
+        return
+    for version, batch, runtime, nthreads in loaded:
+        err.print(f"[green]deployed[/] {name} <- {spec.model}:{version} ({runtime}, "
+                  f"{spec.instances} x {nthreads} threads, max batch {batch})")
+
+
+@app.command()
+def undeploy(name: str = typer.Argument(..., help="Deployment name.")):
+    """Remove a deployment (running servers unload it on POST /v2/repository/models/NAME/unload
+    or when they restart)."""
+    _registry().deployments.remove(name)
+    err.print(f"removed deployment {name}")
+
+
+@app.command()
+def deployments(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """Deployments in the registry."""
+    rows = [{"name": d.name, **d.spec.model_dump(mode="json")}
+            for d in _registry().deployments.list()]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    from rich.table import Table
+    table = Table("name", "model", "versions", "max batch", "delay us", "instances", "threads")
+    for r in rows:
+        v = r["versions"]
+        table.add_row(r["name"], r["model"], f"latest {v['latest']}" if v["latest"] else
+                      ",".join(map(str, v["specific"])), str(r["max_batch_size"]),
+                      str(r["max_queue_delay_us"]), str(r["instances"]),
+                      str(r["threads"] or "auto"))
+    console.print(table)
 
 
 @keys_app.command("create")

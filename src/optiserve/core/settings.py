@@ -102,6 +102,12 @@ class Settings(BaseSettings):
         "this long is marked failed; at least 15 s.",
     )
 
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, validation_alias="OPTISERVE_GRPC_PORT",
+        description="Port of the Open Inference Protocol gRPC service (on the same host as "
+        "HTTP); 0 turns it off.",
+    )
+
     @field_validator("optimization_accuracy_threshold")
     @classmethod
     def _threshold_range(cls, v: float) -> float:
@@ -171,6 +177,7 @@ class Settings(BaseSettings):
             "OPTISERVE_JOB_WORKERS": self.job_workers,
             "OPTISERVE_JOB_GRACE_S": self.job_grace_s,
             "OPTISERVE_JOB_STALE_S": self.job_stale_s,
+            "OPTISERVE_GRPC_PORT": self.grpc_port,
         }
         for name, url in self.data_sources().items():
             out[f"{DATA_SOURCE_PREFIX}{name.upper()}"] = _hide_password(url)

@@ -20,9 +20,10 @@ from sqlalchemy import create_engine, delete, event, func, select
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
-from optiserve.core.errors import ArtifactNotFound, ConfigError, ModelNotFound
+from optiserve.core.errors import ArtifactNotFound, ConfigError, ConflictError, ModelNotFound
 from optiserve.core.settings import Settings, load_settings
 from optiserve.core.types import Signature
+from optiserve.registry.deployments import Deployments
 from optiserve.registry.store import ArtifactStore
 from optiserve.registry.keys import Keys
 from optiserve.registry.runs import Runs
@@ -85,7 +86,8 @@ def check_model_name(name: str) -> str:
 
 
 class Registry:
-    """Models, versions, artifacts; optimization runs (`.runs`) and API keys (`.keys`)."""
+    """Models, versions, artifacts; optimization runs (`.runs`), API keys (`.keys`) and
+    deployments (`.deployments`)."""
 
     def __init__(self, settings: Settings | None = None, *, database_url: str | None = None,
                  artifact_url: str | None = None):
@@ -103,6 +105,7 @@ class Registry:
         self._migrate()
         self.runs = Runs(self._session)
         self.keys = Keys(self._session)
+        self.deployments = Deployments(self._session)
 
     # -- schema ---------------------------------------------------------------------------
     def _migrate(self) -> None:
@@ -262,6 +265,12 @@ class Registry:
             model = s.scalar(select(ModelRow).where(ModelRow.name == name).with_for_update())
             if model is None:
                 raise ModelNotFound(name, known=s.scalars(select(ModelRow.name)).all())
+            deployed = self.deployments.of_model(s, name)
+            if deployed:
+                raise ConflictError(
+                    f"Model '{name}' is served by deployment {', '.join(deployed)}.",
+                    hint=f"Undeploy it first: optiserve undeploy {deployed[0]} (or DELETE "
+                    f"/api/v1/deployments/{deployed[0]}).")
             uris = {v.artifact.uri for v in model.versions}
             arts = [v.artifact_id for v in model.versions]
             count = len(model.versions)

@@ -1,5 +1,6 @@
-"""The composition root: settings -> registry -> job runner -> FastAPI app with its routes,
-error shape, body limit and API keys. `optiserve serve` runs it with uvicorn."""
+"""The composition root: settings -> registry -> job runner and data plane -> the faces:
+FastAPI (management API, predict), the Open Inference Protocol over REST (a pure ASGI layer in
+front of FastAPI) and over gRPC. `optiserve serve` runs it with uvicorn."""
 
 from __future__ import annotations
 
@@ -12,18 +13,23 @@ import optiserve
 from optiserve.core.settings import Settings, load_settings
 from optiserve.jobs.runner import JobRunner
 from optiserve.registry.registry import Registry
-from optiserve.server.http import errors, management
+from optiserve.server.auth import KeyCache
+from optiserve.server.dataplane import DataPlane
+from optiserve.server.http import deployments, errors, management, predict
+from optiserve.server.http.v2 import OIPRest
 from optiserve.server.limits import BodyLimit
 
 log = logging.getLogger("optiserve.server")
 
 
 def create_app(settings: Settings | None = None, *, registry: Registry | None = None,
-               jobs: bool = True) -> FastAPI:
-    """The server's app. `jobs=False` serves the API without running optimizations (a
-    read-only replica, or a test that only needs the routes)."""
+               jobs: bool = True, host: str = "127.0.0.1") -> FastAPI:
+    """The server's app. `jobs=False` serves without running optimizations (an inference
+    replica, or a test that only needs the routes). gRPC listens on `host`:grpc_port."""
     settings = settings or load_settings()
     registry = registry or Registry(settings)
+    plane = DataPlane(registry)
+    keys = KeyCache(registry.keys)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -32,20 +38,34 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
             runner.start()
         app.state.runner = runner
         if settings.auth == "on" and not registry.keys.list():
-            log.warning("no API keys exist: every request but /api/v1/health will get 401. "
-                        "Create one with: optiserve keys create admin --scope admin")
+            log.warning("no API keys exist: every request but the health checks will get "
+                        "401. Create one with: optiserve keys create admin --scope admin")
+        grpc_server = None
         try:
+            await plane.load_all()
+            if settings.grpc_port:
+                from optiserve.server.grpc.server import start_grpc
+                grpc_server = await start_grpc(plane, keys, settings, host=host)
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(grace=2)
+            await plane.close()
             if runner:
                 runner.stop()
 
     app = FastAPI(title="optiserve", version=optiserve.__version__, lifespan=lifespan,
                   description="Make a trained model smaller, faster and served. Every endpoint "
-                  "but /api/v1/health needs an API key (`Authorization: Bearer osk_...` or "
-                  "`X-API-Key`); errors are JSON `{\"error\": \"...\"}`.")
+                  "but the health checks needs an API key (`Authorization: Bearer osk_...` or "
+                  "`X-API-Key`); errors are JSON `{\"error\": \"...\"}`. The Open Inference "
+                  "Protocol (KServe V2) is served under /v2 and over gRPC; Prometheus metrics "
+                  "at /metrics.")
     app.state.settings, app.state.registry, app.state.runner = settings, registry, None
+    app.state.plane, app.state.keys = plane, keys
     errors.install(app)
     app.include_router(management.router)
+    app.include_router(deployments.router)
+    app.include_router(predict.router)
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_upload_mb * 1e6))
+    app.add_middleware(OIPRest, plane=plane, keys=keys, settings=settings)
     return app

@@ -27,3 +27,25 @@ def scope(*any_of: str):
         return request.app.state.registry.keys.verify(token, *any_of)
 
     return check
+
+
+class KeyCache:
+    """Verified keys remembered for `ttl_s`, so the inference path (thousands of requests a
+    second) does not read the database on each one. A revoked key stops working within
+    `ttl_s`; failures are never remembered."""
+
+    def __init__(self, keys, ttl_s: float = 5.0):
+        import time
+
+        self._keys, self._ttl, self._clock = keys, ttl_s, time.monotonic
+        self._seen: dict[str, tuple[APIKey, float]] = {}
+
+    def verify(self, token: str | None, *any_of: str) -> APIKey:
+        hit = self._seen.get(token) if token else None
+        if hit is not None and hit[1] > self._clock() and hit[0].allows(*any_of):
+            return hit[0]
+        key = self._keys.verify(token, *any_of)
+        if len(self._seen) > 10_000:
+            self._seen.clear()
+        self._seen[token] = (key, self._clock() + self._ttl)
+        return key

@@ -1,0 +1,366 @@
+"""Open Inference Protocol (KServe V2) over REST, with Triton's binary tensor, model
+repository, model configuration and statistics extensions; plus Prometheus `/metrics`.
+
+It is a pure ASGI layer in front of the FastAPI app: `/v2/...` and `/metrics` are answered
+here, without FastAPI's routing, validation and response models, because on small models the
+per-request cost of HTTP handling *is* the latency. Everything else passes through to the app.
+Errors have the same `{"error": "..."}` shape and statuses as the rest of the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import zlib
+
+import numpy as np
+import orjson
+
+import optiserve
+from optiserve.core.errors import OptiserveError, PayloadTooLarge, first_line
+from optiserve.server.batching import QueueFull
+from optiserve.server.metrics import UNKNOWN
+from optiserve.server.tensors import TensorError, from_binary, from_json, json_data, to_bytes
+
+log = logging.getLogger("optiserve.server")
+
+EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]
+_HEADER_LENGTH = b"inference-header-content-length"
+_MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/config|/stats)?$")
+_REPO = re.compile(r"^/v2/repository/models/([^/]+)/(load|unload)$")
+_JSON = [(b"content-type", b"application/json")]
+_NUMPY = orjson.OPT_SERIALIZE_NUMPY
+
+
+class _Reply(Exception):
+    """Answer early with a status and JSON body (used for 4xx on the hot path)."""
+
+    def __init__(self, status: int, body: dict, headers: list | None = None):
+        self.status, self.body, self.headers = status, body, headers or []
+
+
+class OIPRest:
+    """Pure ASGI middleware: serves /v2 and /metrics, passes the rest to `app`."""
+
+    def __init__(self, app, *, plane, keys, settings):
+        self.app, self.plane, self.keys = app, plane, keys
+        self.auth = settings.auth == "on"
+        self.max_bytes = int(settings.max_upload_mb * 1e6)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if not (path.startswith("/v2") or path == "/metrics"):
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        served = None
+        try:
+            status, body, headers, served = await self._route(scope, receive, path, started)
+        except _Reply as r:
+            status, body, headers = r.status, orjson.dumps(r.body), _JSON + r.headers
+        except OptiserveError as exc:
+            served = getattr(exc, "served", None)
+            status, headers = exc.status, list(_JSON)
+            body = orjson.dumps({"error": str(exc)})
+            if isinstance(exc, QueueFull):
+                headers.append((b"retry-after", str(exc.retry_after_s).encode()))
+            if status == 401:
+                headers.append((b"www-authenticate", b"Bearer"))
+        except Exception as exc:  # our bug: logged, answered as 500, the server goes on
+            log.exception("unhandled error on %s %s", scope["method"], path)
+            status, headers = 500, list(_JSON)
+            body = orjson.dumps({"error": f"Internal error ({type(exc).__name__}: "
+                                 f"{first_line(exc, 200)}); it is logged on the server."})
+        if path.endswith("/infer"):
+            self._count(served, status, time.perf_counter() - started)
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def _count(self, served, status: int, total_s: float) -> None:
+        if served is not None:
+            served.stats.request("rest", status, total_s)
+        else:
+            self.plane.metrics.requests.labels(UNKNOWN, "", "rest",
+                                               "not_found" if status == 404 else
+                                               "bad_request" if status < 500 else "error").inc()
+
+    # -- routing ------------------------------------------------------------------------------
+    async def _route(self, scope, receive, path: str, started: float):
+        method = scope["method"]
+        if path == "/v2/health/live":
+            return 200, b'{"live":true}', list(_JSON), None
+        if path == "/v2/health/ready":
+            if self.plane.ready():
+                return 200, b'{"ready":true}', list(_JSON), None
+            raise _Reply(503, {"ready": False, "error": "Not every deployment is loaded; "
+                               "see POST /v2/repository/index."})
+        if path == "/metrics":
+            self._auth(scope, "read", "infer")
+            body, content_type = self.plane.metrics.render()
+            return 200, body, [(b"content-type", content_type.encode())], None
+        m = _MODEL.match(path)
+        if m:
+            name, version, action = m.group(1), m.group(2), m.group(3) or ""
+            if action == "/infer":
+                self._method(method, "POST")
+                self._auth(scope, "infer")
+                return await self._infer(scope, receive, name, version)
+            self._method(method, "GET")
+            if action == "/stats":
+                self._auth(scope, "read", "infer")
+                return self._json({"model_stats": self._stats(name, version)})
+            self._auth(scope, "read", "infer")
+            served = self.plane.get(name, version)
+            if action == "/ready":
+                return self._json({"name": name, "ready": True})
+            if action == "/config":
+                return self._json(served.config())
+            meta = served.metadata()
+            if version is None:
+                meta["versions"] = sorted(self.plane.served()[name], key=int)
+            return self._json(meta)
+        if path == "/v2/models/stats":
+            self._method(method, "GET")
+            self._auth(scope, "read", "infer")
+            return self._json({"model_stats": self._stats(None, None)})
+        if path == "/v2/repository/index":
+            self._method(method, "POST")
+            self._auth(scope, "read")
+            query = orjson.loads(await self._body(scope, receive) or b"{}")
+            index = self.plane.index()
+            if isinstance(query, dict) and query.get("ready"):
+                index = [e for e in index if e["state"] == "READY"]
+            return self._json(index)
+        m = _REPO.match(path)
+        if m:
+            self._method(method, "POST")
+            self._auth(scope, "models:write")
+            body = await self._body(scope, receive)
+            return await self._repository(m.group(1), m.group(2), body)
+        if path in ("/v2", "/v2/"):
+            self._method(method, "GET")
+            return self._json({"name": "optiserve", "version": optiserve.__version__,
+                               "extensions": EXTENSIONS})
+        raise _Reply(404, {"error": f"No endpoint {path}. The inference protocol lives under "
+                           "/v2 (see the Open Inference Protocol); the management API under "
+                           "/api/v1 (/docs)."})
+
+    @staticmethod
+    def _json(data) -> tuple:
+        return 200, orjson.dumps(data, option=_NUMPY), list(_JSON), None
+
+    @staticmethod
+    def _method(method: str, allowed: str) -> None:
+        if method != allowed:
+            raise _Reply(405, {"error": f"Method {method} is not allowed here; use {allowed}."},
+                         [(b"allow", allowed.encode())])
+
+    def _auth(self, scope, *any_of: str) -> None:
+        if not self.auth:
+            return
+        token = None
+        for k, v in scope["headers"]:
+            if k == b"authorization":
+                value = v.decode("latin-1")
+                token = value[7:].strip() if value[:7].lower() == "bearer " else None
+                break
+            if k == b"x-api-key":
+                token = v.decode("latin-1")
+        self.keys.verify(token, *any_of)
+
+    async def _body(self, scope, receive) -> bytes:
+        chunks, size = [], 0
+        for k, v in scope["headers"]:
+            if k == b"content-length" and v.isdigit() and int(v) > self.max_bytes:
+                raise self._too_large()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Reply(400, {"error": "The client left before the body arrived."})
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise self._too_large()
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                break
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        encoding = _header(scope, b"content-encoding")
+        if encoding in (b"gzip", b"deflate"):
+            try:
+                d = zlib.decompressobj(wbits=31 if encoding == b"gzip" else 15)
+                body = d.decompress(body, self.max_bytes + 1)
+            except zlib.error as exc:
+                raise _Reply(400, {"error": f"The {encoding.decode()} body does not "
+                                   f"decompress ({exc})."}) from None
+            if len(body) > self.max_bytes:
+                raise self._too_large()
+        return body
+
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"The request body is larger than the limit of "
+                               f"{self.max_bytes / 1e6:g} MB.",
+                               hint="Send fewer rows per request, or raise "
+                               "OPTISERVE_MAX_UPLOAD_MB on the server.")
+
+    def _stats(self, name: str | None, version: str | None) -> list[dict]:
+        if name is None:
+            return [s.stats.as_json() for versions in self.plane.served().values()
+                    for s in versions.values()]
+        if version is not None:
+            return [self.plane.get(name, version).stats.as_json()]
+        self.plane.get(name)
+        return [s.stats.as_json() for s in self.plane.served()[name].values()]
+
+    async def _repository(self, name: str, action: str, body: bytes):
+        if action == "unload":
+            await self.plane.undeploy(name)
+            return self._json({})
+        try:
+            request = orjson.loads(body or b"{}")
+            config = (request.get("parameters") or {}).get("config") or "{}"
+            overrides = orjson.loads(config) if isinstance(config, str) else config
+        except (orjson.JSONDecodeError, AttributeError) as exc:
+            raise _Reply(400, {"error": f"The load request is not valid JSON ({exc}); send "
+                               "{\"parameters\": {\"config\": \"{...deployment settings...}\"}}."}
+                         ) from None
+        if not isinstance(overrides, dict):
+            raise _Reply(400, {"error": "parameters.config must be a JSON object of "
+                               "deployment settings (max_batch_size, instances, ...)."})
+        served = await self.plane.deploy(name, overrides)
+        return self._json({"name": name, "versions": [s.version for s in served]})
+
+    # -- inference ------------------------------------------------------------------------------
+    async def _infer(self, scope, receive, name: str, version: str | None):
+        served = None
+        try:
+            served = self.plane.get(name, version)
+            body = await self._body(scope, receive)
+            request, raw = _split(scope, body)
+            inputs, wanted, binary_out, timeout_s = _parse(request, raw)
+            arrays = served.check(inputs, [w[0] for w in wanted] or None)
+            result = await served.infer(arrays, [w[0] for w in wanted] or None, timeout_s)
+        except OptiserveError as exc:
+            exc.served = served  # so the request is counted under its model
+            raise
+        except _Reply:
+            raise
+        status, body, headers = _response(served, request, result, wanted, binary_out)
+        return status, body, headers, served
+
+
+def _header(scope, key: bytes) -> bytes | None:
+    for k, v in scope["headers"]:
+        if k == key:
+            return v
+    return None
+
+
+def _split(scope, body: bytes) -> tuple[dict, memoryview]:
+    """The JSON request and, with the binary extension, the raw bytes after it."""
+    length = _header(scope, _HEADER_LENGTH)
+    if length is not None:
+        if not length.isdigit() or int(length) > len(body):
+            raise TensorError(f"Inference-Header-Content-Length is {length.decode(errors='replace')!r} "
+                              f"but the body has {len(body)} bytes.",
+                              hint="It must give the length of the JSON header that starts "
+                              "the body.")
+        n = int(length)
+        header, raw = body[:n], memoryview(body)[n:]
+    else:
+        header, raw = body, memoryview(b"")
+    try:
+        request = orjson.loads(header)
+    except orjson.JSONDecodeError as exc:
+        raise TensorError(f"The inference request is not valid JSON ({exc}).",
+                          hint="Send {\"inputs\": [{\"name\", \"shape\", \"datatype\", "
+                          "\"data\"}]}.") from None
+    if not isinstance(request, dict):
+        raise TensorError("The inference request must be a JSON object with 'inputs'.")
+    return request, raw
+
+
+def _parse(request: dict, raw: memoryview):
+    """(inputs {name: (array, datatype)}, wanted [(name, binary?)], binary default, timeout)."""
+    entries = request.get("inputs")
+    if not isinstance(entries, list) or not entries:
+        raise TensorError("The request has no 'inputs' list.",
+                          hint="Send {\"inputs\": [{\"name\", \"shape\", \"datatype\", "
+                          "\"data\"}]}.")
+    params = request.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise TensorError("Request 'parameters' must be a JSON object.")
+    inputs, offset = {}, 0
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise TensorError("Each input must be an object with a 'name'.")
+        name = entry["name"]
+        if name in inputs:
+            raise TensorError(f"Input '{name}' is given twice.")
+        iparams = entry.get("parameters") or {}
+        size = iparams.get("binary_data_size") if isinstance(iparams, dict) else None
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(raw):
+                raise TensorError(f"Input '{name}' says binary_data_size {size!r} but "
+                                  f"{len(raw) - offset} bytes of binary data are left.",
+                                  hint="Each binary input's bytes follow the JSON header in "
+                                  "order of the inputs.")
+            array = from_binary(name, entry.get("shape"), entry.get("datatype"),
+                                raw[offset:offset + size])
+            offset += size
+        elif "data" in entry:
+            array = from_json(name, entry.get("shape"), entry.get("datatype"), entry["data"])
+        else:
+            raise TensorError(f"Input '{name}' has neither 'data' nor a binary_data_size "
+                              "parameter.")
+        inputs[name] = (array, entry["datatype"])
+    if offset != len(raw):
+        raise TensorError(f"{len(raw) - offset} bytes of binary data follow the inputs but no "
+                          "input claims them.",
+                          hint="Set binary_data_size on each binary input.")
+    default_binary = bool(params.get("binary_data_output", False))
+    wanted = []
+    for entry in request.get("outputs") or ():
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise TensorError("Each requested output must be an object with a 'name'.")
+        oparams = entry.get("parameters") or {}
+        wanted.append((entry["name"], bool(oparams.get("binary_data", default_binary))
+                       if isinstance(oparams, dict) else default_binary))
+    timeout = params.get("timeout")
+    if timeout is not None and (not isinstance(timeout, int) or timeout < 0):
+        raise TensorError(f"Parameter 'timeout' is {timeout!r}; it is a number of "
+                          "microseconds.")
+    return inputs, wanted, default_binary, (timeout / 1e6 if timeout else None)
+
+
+def _response(served, request: dict, result: dict[str, np.ndarray], wanted, binary_default):
+    outputs, blobs = [], []
+    names = wanted or [(n, binary_default) for n in result]
+    for name, binary in names:
+        array = result[name]
+        entry = {"name": name, "datatype": _datatype(array), "shape": list(array.shape)}
+        if binary:
+            blob = to_bytes(array)
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = json_data(array)
+        outputs.append(entry)
+    response = {"model_name": served.name, "model_version": served.version,
+                "outputs": outputs}
+    if "id" in request:
+        response["id"] = request["id"]
+    header = orjson.dumps(response, option=_NUMPY)
+    if not blobs:
+        return 200, header, list(_JSON)
+    return 200, b"".join([header, *blobs]), [
+        (b"content-type", b"application/octet-stream"),
+        (_HEADER_LENGTH, str(len(header)).encode())]
+
+
+def _datatype(array: np.ndarray) -> str:
+    from optiserve.server.tensors import datatype
+    return datatype(array.dtype)
