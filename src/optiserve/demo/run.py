@@ -7,6 +7,8 @@ defaults (SQLite registry and local artifact folder under OPTISERVE_HOME).
    sentence embeddings (cosine vs the original) over 256 sentences; ONNX Runtime and OpenVINO
    candidates compete.
 3. digits: a small CNN trained in seconds on scikit-learn's digits, validated on accuracy.
+4. serving: churn and digits deployed on a real server (loopback) and sent held-out rows as
+   Open Inference Protocol requests by concurrent clients (demo/serving.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from optiserve.api import optimize, register
 from optiserve.cli import render
 from optiserve.core.errors import GateFailedError
 from optiserve.data import demo_source as churn_data
+from optiserve.data.binding import Dataset, bind
 from optiserve.demo import models
 from optiserve.demo.sentences import corpus
 from optiserve.optimizer.request import SEED_REQUEST
@@ -29,8 +32,9 @@ SEED_BODY = {**SEED_REQUEST, "model_id": "churn"}  # the seed's body; only the n
 
 
 def run_demo(console: Console, progress_bar, registry, *, minilm: bool = True,
-             cnn: bool = True) -> list:
+             cnn: bool = True, serve: bool = True) -> list:
     start = time.monotonic()
+    held_out: dict[str, Dataset] = {}
     demo_dir = registry.settings.home / "demo"
     demo_dir.mkdir(parents=True, exist_ok=True)
     results = []
@@ -59,6 +63,9 @@ def run_demo(console: Console, progress_bar, registry, *, minilm: bool = True,
     v = register("churn", path, registry=registry, label_column=churn_data.LABEL)
     console.print(f"registered {v.ref} from {path} (synthetic data: see optiserve.demo)")
     run("churn: scikit-learn pipeline, the seed's request", SEED_BODY)
+    rows = {c: data[c][:1000] for c in [*churn_data.FEATURES, churn_data.LABEL]}
+    held_out["churn"] = bind(rows, registry.get("churn").signature,
+                             label_column=churn_data.LABEL, feature_names=churn_data.FEATURES)
 
     if minilm:
         with progress_bar("loading all-MiniLM-L6-v2") as update:
@@ -102,8 +109,15 @@ def run_demo(console: Console, progress_bar, registry, *, minilm: bool = True,
             "quantization_config": {"method": "dynamic", "precision": "int8"},
             "validation_dataset": {"source": "file", "path": str(val), "label_column": "label"},
             "accuracy_threshold": 0.99, "batch_sizes": [1, 64]})
+        held_out["digits"] = Dataset({registry.get("digits").signature.inputs[0].name: x_te},
+                                     y_te, "digits test images")
 
     summary(console, results, time.monotonic() - start)
+    if serve:
+        from optiserve.demo.serving import serve_demo
+
+        console.rule("[bold]serving: the optimized models behind the inference protocol")
+        serve_demo(console, registry, held_out)
     return results
 
 
