@@ -270,6 +270,20 @@ def deploy(name: str = typer.Argument(..., help="Name to serve under (default mo
            threads: Optional[int] = typer.Option(None, help="Intra-op threads per instance "
                                                  "(default: cores / instances)."),
            allow_nan: bool = typer.Option(False, help="Let NaN/inf inputs through."),
+           labels: Optional[Path] = typer.Option(None, help="/predict: class names, one per "
+                                                 "line (top-k answers carry them)."),
+           top_k: Optional[int] = typer.Option(None, help="/predict: answer the k best "
+                                               "classes (default 5 with --labels)."),
+           softmax: bool = typer.Option(False, help="/predict: turn logits into "
+                                        "probabilities."),
+           image_size: Optional[str] = typer.Option(None, help="/predict images: resize the "
+                                                    "shorter side to N, or to HxW."),
+           crop: Optional[str] = typer.Option(None, help="/predict images: center crop HxW."),
+           mean: Optional[str] = typer.Option(None, help="/predict images: per-channel mean "
+                                              "after scaling to 0..1, e.g. 0.485,0.456,0.406."),
+           std: Optional[str] = typer.Option(None, help="/predict images: per-channel std."),
+           grayscale: bool = typer.Option(False, help="/predict images: one channel (L)."),
+           layout: str = typer.Option("NCHW", help="/predict images: NCHW or NHWC."),
            as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
     """Deploy a registered model: loaded and warmed up here as a check, then stored; servers
     load it when they start or on POST /v2/repository/models/NAME/load."""
@@ -285,7 +299,9 @@ def deploy(name: str = typer.Argument(..., help="Name to serve under (default mo
                 "max_queue_delay_us": max_queue_delay_us,
                 "preferred_batch_sizes": _ints(preferred_batch_size, "--preferred-batch-size"),
                 "max_queue_size": max_queue_size, "timeout_ms": timeout_ms,
-                "instances": instances, "threads": threads, "allow_nan": allow_nan}
+                "instances": instances, "threads": threads, "allow_nan": allow_nan,
+                "predict": _predict_settings(labels, top_k, softmax, image_size, crop, mean,
+                                             std, grayscale, layout)}
     registry = _registry()
 
     async def run():
@@ -305,6 +321,42 @@ def deploy(name: str = typer.Argument(..., help="Name to serve under (default mo
     for version, batch, runtime, nthreads in loaded:
         err.print(f"[green]deployed[/] {name} <- {spec.model}:{version} ({runtime}, "
                   f"{spec.instances} x {nthreads} threads, max batch {batch})")
+
+
+def _predict_settings(labels, top_k, softmax, image_size, crop, mean, std, grayscale,
+                      layout) -> dict | None:
+    """The deployment's `predict` settings from deploy's options; None when none is given."""
+    def size(text: str, what: str) -> int | list[int]:
+        parts = _ints(text.lower().replace("x", ","), what)
+        return parts[0] if len(parts) == 1 else parts
+
+    def floats(text: str, what: str) -> list[float]:
+        try:
+            return [float(p) for p in _csv(text)]
+        except ValueError:
+            raise OptiserveError(f"{what} {text!r} must be comma-separated numbers.") from None
+
+    image = {k: v for k, v in {
+        "resize": size(image_size, "--image-size") if image_size else None,
+        "crop": (lambda c: [c, c] if isinstance(c, int) else c)(size(crop, "--crop"))
+        if crop else None,
+        "mean": floats(mean, "--mean") if mean else None,
+        "std": floats(std, "--std") if std else None,
+        "color": "L" if grayscale else None,
+        "layout": layout if layout != "NCHW" else None}.items() if v is not None}
+    predict = {k: v for k, v in {
+        "labels": _labels(labels) if labels else None, "top_k": top_k,
+        "softmax": softmax or None, "image": image or None}.items() if v is not None}
+    return predict or None
+
+
+def _labels(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise OptiserveError(f"Cannot read the labels file {path}: {exc.strerror}.",
+                             hint="Give a text file with one class name per line.") from None
+    return [line.strip() for line in lines if line.strip()]
 
 
 @app.command()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from optiserve.convert.sklearn import load_estimator
@@ -13,6 +15,9 @@ class SklearnRuntime(Runtime):
 
     def load(self) -> None:
         self.model = load_estimator(self.path, self.format)
+        # a model fitted on a DataFrame warns on every call with plain arrays (which is how
+        # optiserve feeds it, in the fitted column order): once per server is enough
+        warnings.filterwarnings("once", message="X does not have valid feature names")
 
     def predict(self, inputs, outputs=None):
         x = next(iter(inputs.values()))

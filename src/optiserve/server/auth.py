@@ -15,8 +15,10 @@ _bearer = HTTPBearer(auto_error=False, description="An API key: osk_...")
 _header = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key: osk_...")
 
 
-def scope(*any_of: str):
-    """A dependency that lets a request through if its key has one of `any_of` (or admin)."""
+def scope(*any_of: str, cached: bool = False):
+    """A dependency that lets a request through if its key has one of `any_of` (or admin).
+    `cached` checks through the server's KeyCache (inference routes: no database read per
+    request; a revoked key stops working within the cache's TTL)."""
 
     def check(request: Request,
               bearer: HTTPAuthorizationCredentials | None = Security(_bearer),
@@ -24,7 +26,8 @@ def scope(*any_of: str):
         if request.app.state.settings.auth == "off":
             return None
         token = bearer.credentials if bearer else header
-        return request.app.state.registry.keys.verify(token, *any_of)
+        keys = request.app.state.keys if cached else request.app.state.registry.keys
+        return keys.verify(token, *any_of)
 
     return check
 

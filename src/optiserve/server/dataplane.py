@@ -78,6 +78,8 @@ class ServedVersion:
         for name, spec in self.inputs.items():
             array, given = inputs[name]
             check_input(spec, array, given, allow_nan=self.spec.allow_nan)
+            if spec.dtype == "str":
+                array = _text(name, array)
             if self.max_batch_size and array.ndim:
                 if rows is not None and array.shape[0] != rows:
                     raise TensorError(f"Input '{name}' has {array.shape[0]} rows but the "
@@ -213,13 +215,17 @@ class DataPlane:
             except OptiserveError as exc:
                 log.error("deployment %s did not load: %s", d.name, exc)
 
-    async def load(self, deployment: Deployment | str) -> list[ServedVersion]:
-        """Load (or reload) a deployment; returns what now serves under its name."""
+    async def load(self, deployment: Deployment | str, *, stored: bool = True
+                   ) -> list[ServedVersion]:
+        """Load (or reload) a deployment; returns what now serves under its name. A failed
+        load of one that is not `stored` in the registry (a new deployment being tried)
+        leaves no trace: it must not show as UNAVAILABLE, nor make the server unready."""
         if isinstance(deployment, str):
             deployment = self.registry.deployments.get(deployment)
         name, spec = deployment.name, deployment.spec
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
+            new_state = name not in self._states
             state = self._states.setdefault(name, _State("LOADING"))
             current = dict(self._served.get(name) or {})
             try:
@@ -242,6 +248,8 @@ class DataPlane:
                 if not current:
                     state.state = "UNAVAILABLE"
                 state.reason = f"last load failed: {exc}"
+                if new_state and not stored:
+                    del self._states[name]
                 raise LoadFailed(f"Deployment '{name}' did not load: {exc}",
                                  hint="What served before still serves." if current
                                  else None) from None
@@ -253,7 +261,8 @@ class DataPlane:
             for version, old in current.items():
                 if new.get(version) is not old:
                     await asyncio.to_thread(old.close, True)
-                    self.metrics.forget(name, version)
+                    if version not in new:  # reloaded with new settings: its series go on
+                        self.metrics.forget(name, version)
             return list(new.values())
 
     async def deploy(self, name: str, settings: dict, *, replace: bool = False
@@ -262,15 +271,15 @@ class DataPlane:
         in the registry. `settings` go over the current ones (or, with `replace`, over the
         defaults); a new deployment serves the registered model of its own name unless
         `model` says otherwise."""
-        current = {"model": name}
-        if not replace:
-            try:
-                current = (await asyncio.to_thread(self.registry.deployments.get, name)
-                           ).spec.model_dump()
-            except DeploymentNotFound:
-                pass
+        current, stored = {"model": name}, True
+        try:
+            found = await asyncio.to_thread(self.registry.deployments.get, name)
+            if not replace:
+                current = found.spec.model_dump()
+        except DeploymentNotFound:
+            stored = False
         spec = parse_spec({**current, **settings})
-        served = await self.load(Deployment(name, spec, None, None))
+        served = await self.load(Deployment(name, spec, None, None), stored=stored)
         await asyncio.to_thread(self.registry.deployments.put, name, spec)
         return served
 
@@ -326,6 +335,8 @@ class DataPlane:
         path = self.registry.path(info)
         threads = spec.threads_per_instance(self.cores)
         runtimes: list[Runtime] = []
+        if spec.predict is not None:  # declared pre/post-processing must fit this version
+            spec.predict.check(info.signature)
         try:
             for _ in range(spec.instances):
                 r = load_runtime(path, info.signature, format=info.format, threads=threads,
@@ -369,6 +380,20 @@ def warmup_inputs(signature: Signature, rows: int) -> dict[str, np.ndarray]:
             out[t.name] = np.full(shape, "", dtype=object)
         else:
             out[t.name] = np.zeros(shape, dtype=np.dtype(t.dtype))
+    return out
+
+
+def _text(name: str, array: np.ndarray) -> np.ndarray:
+    """BYTES elements as str for a text input: runtimes (ONNX Runtime's string tensors,
+    scikit-learn) take str, and ONNX Runtime would turn b'abc' into the text "b'abc'"."""
+    out = np.empty(array.shape, dtype=object)
+    flat = out.reshape(-1)
+    for i, x in enumerate(array.reshape(-1)):
+        try:
+            flat[i] = x.decode() if isinstance(x, bytes) else x
+        except UnicodeDecodeError:
+            raise TensorError(f"Input '{name}' is text, but its element {i} is not UTF-8.",
+                              hint="Send text inputs as UTF-8 strings.") from None
     return out
 
 
