@@ -250,9 +250,11 @@ class DataPlane:
                 state.reason = f"last load failed: {exc}"
                 if new_state and not stored:
                     del self._states[name]
-                raise LoadFailed(f"Deployment '{name}' did not load: {exc}",
-                                 hint="What served before still serves." if current
-                                 else None) from None
+                failed = LoadFailed(f"Deployment '{name}' did not load: {exc}",
+                                    hint="What served before still serves." if current
+                                    else None)
+                failed.status = exc.status  # an unknown model stays a 404 / NOT_FOUND
+                raise failed from None
             new = {str(k): v for k, v in keep.items()} | {s.version: s for s in loaded}
             self._served[name] = new
             self._states[name] = _State("READY")
@@ -262,7 +264,7 @@ class DataPlane:
                 if new.get(version) is not old:
                     await asyncio.to_thread(old.close, True)
                     if version not in new:  # reloaded with new settings: its series go on
-                        self.metrics.forget(name, version)
+                        old.stats.forget()
             return list(new.values())
 
     async def deploy(self, name: str, settings: dict, *, replace: bool = False
@@ -304,7 +306,7 @@ class DataPlane:
             self._count()
             for version, old in (current or {}).items():
                 await asyncio.to_thread(old.close, True)
-                self.metrics.forget(name, version)
+                old.stats.forget()
 
     async def close(self) -> None:
         for name in list(self._served):

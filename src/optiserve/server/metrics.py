@@ -55,15 +55,6 @@ class Metrics:
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
-    def forget(self, model: str, version: str) -> None:
-        """Drop an unloaded version's series (bounded cardinality across many reloads)."""
-        for metric, extra in ((self.batch_size, ()), (self.inferences, ()),
-                              (self.executions, ()), (self.queue_depth, ())):
-            try:
-                metric.remove(model, version, *extra)
-            except KeyError:
-                pass
-
 
 class VersionStats:
     """Counters of one served version, in the shape of Triton's statistics extension:
@@ -127,6 +118,22 @@ class VersionStats:
             bucket[1] += ns
         if status == 200:
             self._total_h.observe(total_s)
+
+    def forget(self) -> None:
+        """Remove this version's series once it is unloaded, so reloads do not pile up
+        label sets."""
+        m = self._metrics
+        series = [(m.latency, (self.model, self.version, phase))
+                  for phase in ("queue", "compute", "total")]
+        series += [(metric, (self.model, self.version)) for metric in
+                   (m.batch_size, m.inferences, m.executions, m.queue_depth)]
+        series += [(m.requests, (self.model, self.version, protocol, outcome(status)))
+                   for protocol, status in self._requests]
+        for metric, labels in series:
+            try:
+                metric.remove(*labels)
+            except KeyError:
+                pass
 
     def as_json(self) -> dict:
         """The model_stats entry of the statistics extension."""

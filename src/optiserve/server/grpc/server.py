@@ -1,0 +1,238 @@
+"""The gRPC face of the Open Inference Protocol: a thin servicer over the data plane, the
+twin of the REST face (http/v2.py) — same lookups, checks, API key scopes, counters and
+errors, with optiserve's HTTP statuses mapped to gRPC codes.
+
+It runs as a grpc.aio server on the event loop that serves HTTP (`start_grpc` is awaited in
+the app's lifespan), so both faces share one data plane and its batchers: a batch can hold
+REST and gRPC requests together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from optiserve.core.errors import ConfigError, OptiserveError, first_line
+from optiserve.server.batching import QueueFull
+from optiserve.server.grpc import codec
+from optiserve.server.grpc import inference_pb2 as pb
+from optiserve.server.grpc.inference_pb2_grpc import (GRPCInferenceServiceServicer,
+                                                      add_GRPCInferenceServiceServicer_to_server)
+from optiserve.server.metrics import UNKNOWN, outcome
+
+log = logging.getLogger("optiserve.server")
+
+# optiserve's HTTP status -> gRPC code (the REST face answers with the status itself)
+CODES: dict[int, grpc.StatusCode] = {
+    400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.FAILED_PRECONDITION, 413: grpc.StatusCode.INVALID_ARGUMENT,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+_MAX_MESSAGE = 2**31 - 1  # gRPC takes message limits as a C int
+_CANCELLED = 499  # counted like nginx's "client closed request": the client gave up
+
+
+def code(status: int) -> grpc.StatusCode:
+    """The gRPC code of an optiserve error status. Unlisted 4xx are the caller's to fix
+    (INVALID_ARGUMENT); everything else is INTERNAL."""
+    if status in CODES:
+        return CODES[status]
+    return grpc.StatusCode.INVALID_ARGUMENT if 400 <= status < 500 else grpc.StatusCode.INTERNAL
+
+
+def _answers_errors(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
+    """Turn what a handler raises into a gRPC status: optiserve's errors with their code and
+    message, our own bugs logged and answered INTERNAL; the server keeps serving."""
+
+    @functools.wraps(method)
+    async def handler(self, request, context: grpc.aio.ServicerContext):
+        try:
+            return await method(self, request, context)
+        except OptiserveError as exc:
+            trailing: tuple = ()
+            if isinstance(exc, QueueFull):
+                trailing = (("retry-after", str(exc.retry_after_s)),)
+            elif exc.status == 401:
+                trailing = (("www-authenticate", "Bearer"),)
+            await context.abort(code(exc.status), str(exc), trailing_metadata=trailing)
+        except Exception as exc:  # our bug: logged, answered INTERNAL, the server goes on
+            log.exception("unhandled error in gRPC %s", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL,
+                                f"Internal error ({type(exc).__name__}: {first_line(exc, 200)}); "
+                                "it is logged on the server.")
+
+    return handler
+
+
+class InferenceServicer(GRPCInferenceServiceServicer):
+    """GRPCInferenceService over a DataPlane. Health and server metadata need no key; the
+    rest need the scopes the REST face asks for the same thing."""
+
+    def __init__(self, plane, keys, settings, extensions: list[str]):
+        self.plane, self.keys, self.extensions = plane, keys, extensions
+        self.auth = settings.auth == "on"
+
+    # -- health and metadata --------------------------------------------------------------------
+    @_answers_errors
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    @_answers_errors
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.plane.ready())
+
+    @_answers_errors
+    async def ServerMetadata(self, request, context):
+        return codec.server_metadata(self.extensions)
+
+    @_answers_errors
+    async def ModelReady(self, request, context):
+        """Not served (unknown, or still loading) is `ready: false`, not an error, as on
+        Triton; a wrong key still is one."""
+        self._auth(context, "read", "infer")
+        try:
+            self.plane.get(request.name, request.version or None)
+        except OptiserveError as exc:
+            if exc.status not in (404, 503):
+                raise
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    @_answers_errors
+    async def ModelMetadata(self, request, context):
+        self._auth(context, "read", "infer")
+        meta = self.plane.get(request.name, request.version or None).metadata()
+        if not request.version:
+            meta["versions"] = sorted(self.plane.served()[request.name], key=int)
+        return codec.model_metadata(meta)
+
+    @_answers_errors
+    async def ModelConfig(self, request, context):
+        self._auth(context, "read", "infer")
+        return codec.model_config(self.plane.get(request.name, request.version or None).config())
+
+    @_answers_errors
+    async def ModelStatistics(self, request, context):
+        self._auth(context, "read", "infer")
+        return codec.model_statistics(self._stats(request.name, request.version))
+
+    def _stats(self, name: str, version: str) -> list[dict]:
+        """Every served version (no name), one model's versions, or one version."""
+        if not name:
+            return [s.stats.as_json() for versions in self.plane.served().values()
+                    for s in versions.values()]
+        if version:
+            return [self.plane.get(name, version).stats.as_json()]
+        self.plane.get(name)
+        return [s.stats.as_json() for s in self.plane.served()[name].values()]
+
+    # -- model repository -------------------------------------------------------------------------
+    @_answers_errors
+    async def RepositoryIndex(self, request, context):
+        self._auth(context, "read")
+        return codec.repository_index(self.plane.index(), request.ready)
+
+    @_answers_errors
+    async def RepositoryModelLoad(self, request, context):
+        """Create or change the deployment `model_name` (settings from the "config"
+        parameter over the current ones) and load it; what served before serves on if the
+        load fails."""
+        self._auth(context, "models:write")
+        await self.plane.deploy(request.model_name, codec.load_overrides(request))
+        return pb.RepositoryModelLoadResponse()
+
+    @_answers_errors
+    async def RepositoryModelUnload(self, request, context):
+        self._auth(context, "models:write")
+        await self.plane.undeploy(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    # -- inference --------------------------------------------------------------------------------
+    @_answers_errors
+    async def ModelInfer(self, request, context):
+        """Every request, answered or refused, is counted under its model (or `_unknown`),
+        as the REST face counts its own."""
+        started = time.perf_counter()
+        served = None
+        try:
+            self._auth(context, "infer")
+            served = self.plane.get(request.model_name, request.model_version or None)
+            inputs = codec.inputs(request)
+            wanted = codec.requested_outputs(request)
+            timeout = codec.timeout_s(request, served.spec.timeout_ms / 1000 or None,
+                                      context.time_remaining())
+            arrays = served.check(inputs, wanted or None)
+            result = await served.infer(arrays, wanted or None, timeout)
+            response = codec.infer_response(served.name, served.version, request.id, result,
+                                            wanted)
+        except OptiserveError as exc:
+            self._count(served, exc.status, started)
+            raise
+        except asyncio.CancelledError:
+            self._count(served, _CANCELLED, started)
+            raise
+        except Exception:
+            self._count(served, 500, started)
+            raise
+        self._count(served, 200, started)
+        return response
+
+    def _count(self, served, status: int, started: float) -> None:
+        if served is not None:
+            served.stats.request("grpc", status, time.perf_counter() - started)
+        else:
+            self.plane.metrics.requests.labels(UNKNOWN, "", "grpc", outcome(status)).inc()
+
+    # -- API keys ---------------------------------------------------------------------------------
+    def _auth(self, context: grpc.aio.ServicerContext, *any_of: str) -> None:
+        """The key in `authorization: Bearer osk_...` (or `x-api-key`) has one of the scopes
+        (401 / 403 otherwise), as on REST."""
+        if self.auth:
+            self.keys.verify(_token(context), *any_of)
+
+
+def _token(context: grpc.aio.ServicerContext) -> str | None:
+    token = None
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return value[7:].strip() if value[:7].lower() == "bearer " else None
+        if key == "x-api-key":
+            token = value
+    return token
+
+
+async def start_grpc(plane, keys, settings, *, host: str) -> grpc.aio.Server:
+    """A started grpc.aio server for `plane` on host:settings.grpc_port, on the running event
+    loop. Messages may be as large as HTTP bodies (OPTISERVE_MAX_UPLOAD_MB)."""
+    from optiserve.server.http.v2 import EXTENSIONS
+
+    limit = min(int(settings.max_upload_mb * 1e6), _MAX_MESSAGE)
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        # without this, Linux lets a second server bind the port and share its traffic
+        ("grpc.so_reuseport", 0),
+    ])
+    add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(plane, keys, settings, EXTENSIONS), server)
+    address = f"[{host}]:{settings.grpc_port}" if ":" in host else f"{host}:{settings.grpc_port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio raises where older versions returned 0
+        bound = 0
+    if not bound:
+        await server.stop(None)
+        raise ConfigError(f"The gRPC port {settings.grpc_port} cannot be bound on {host}: it "
+                          "is in use, or the address is not this machine's.",
+                          hint="Choose another port with OPTISERVE_GRPC_PORT or `optiserve "
+                          "serve --grpc-port PORT` (0 turns gRPC off).")
+    await server.start()
+    log.info("Open Inference Protocol over gRPC on %s", address)
+    return server
