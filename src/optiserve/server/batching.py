@@ -74,6 +74,7 @@ class Pending:
     enqueued: float
     deadline: float | None
     timings: dict = field(default_factory=dict)
+    timer: asyncio.TimerHandle | None = None
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,20 @@ class Batcher:
                 raise QueueFull(self.name, len(self._queue))
             self._queue.append(item)
             self._cond.notify()
+        if timeout:  # fail at the deadline even while every instance is busy
+            item.timer = loop.call_later(timeout, self._timed_out, item)
         return item.future
+
+    def _timed_out(self, item: Pending) -> None:
+        """On the event loop, at a request's deadline: fail it if it is still queued."""
+        with self._cond:
+            try:
+                self._queue.remove(item)
+            except ValueError:
+                return  # already running (or answered)
+        if not item.future.done():
+            item.future.set_exception(RequestTimeout(self.name,
+                                                     time.perf_counter() - item.enqueued))
 
     def close(self, drain: bool = True) -> None:
         """Stop taking requests; finish (or with drain=False fail) what is queued; join."""
@@ -238,17 +252,20 @@ class Batcher:
                 parts.append((p, {n: a[offset:offset + p.rows] for n, a in result.items()}))
             offset += p.rows
             p.timings.update(queue_s=start - p.enqueued, compute_s=end - start, batch_rows=rows)
+        if self.on_batch:  # before the answers: a client that then reads stats sees its batch
+            try:
+                self.on_batch(BatchStats(rows, len(batch), [start - p.enqueued for p in batch],
+                                         end - start))
+            except Exception:  # counting must never keep an answer from its request
+                log.exception("model %s: recording a batch failed", self.name)
         _deliver(parts)
-        if self.on_batch:
-            self.on_batch(BatchStats(rows, len(batch), [start - p.enqueued for p in batch],
-                                     end - start))
 
 
 def _deliver(parts: list[tuple[Pending, object]]) -> None:
     """Resolve futures with one wake-up per event loop, not one per request."""
     by_loop: dict[asyncio.AbstractEventLoop, list] = {}
     for p, value in parts:
-        by_loop.setdefault(p.loop, []).append((p.future, value))
+        by_loop.setdefault(p.loop, []).append((p, value))
     for loop, items in by_loop.items():
         try:
             loop.call_soon_threadsafe(_resolve, items)
@@ -261,7 +278,10 @@ def _fail(batch: list[Pending], exc: BaseException) -> None:
 
 
 def _resolve(items: list) -> None:
-    for future, value in items:
+    for p, value in items:
+        if p.timer is not None:
+            p.timer.cancel()
+        future = p.future
         if future.done():
             continue
         if isinstance(value, BaseException):

@@ -22,7 +22,7 @@ from optiserve.core.errors import ConfigError, ModelNotFound, OptiserveError, fi
 from optiserve.core.types import Signature, TensorSpec
 from optiserve.registry.deployments import (Deployment, DeploymentNotFound, DeploymentSpec,
                                             parse_spec)
-from optiserve.registry.registry import Registry, VersionInfo
+from optiserve.registry.registry import Registry, VersionInfo, check_model_name
 from optiserve.runtimes.base import Runtime, load_runtime
 from optiserve.server.batching import Batcher
 from optiserve.server.metrics import Metrics, VersionStats
@@ -273,6 +273,7 @@ class DataPlane:
         in the registry. `settings` go over the current ones (or, with `replace`, over the
         defaults); a new deployment serves the registered model of its own name unless
         `model` says otherwise."""
+        check_model_name(name)  # before loading anything under it
         current, stored = {"model": name}, True
         try:
             found = await asyncio.to_thread(self.registry.deployments.get, name)
@@ -282,7 +283,12 @@ class DataPlane:
             stored = False
         spec = parse_spec({**current, **settings})
         served = await self.load(Deployment(name, spec, None, None), stored=stored)
-        await asyncio.to_thread(self.registry.deployments.put, name, spec)
+        try:
+            await asyncio.to_thread(self.registry.deployments.put, name, spec)
+        except BaseException:
+            if not stored:  # not stored, so not served either
+                await self.unload(name)
+            raise
         return served
 
     async def undeploy(self, name: str) -> None:

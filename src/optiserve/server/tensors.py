@@ -62,7 +62,7 @@ def _shape(name: str, shape: object) -> tuple[int, ...]:
 
 
 def _dtype(name: str, dt: object) -> np.dtype:
-    if dt not in DTYPES:
+    if not isinstance(dt, str) or dt not in DTYPES:
         raise TensorError(f"Input '{name}' has datatype {dt!r}.",
                           hint=f"Use one of: {', '.join(DTYPES)}.")
     return DTYPES[dt]
@@ -92,13 +92,15 @@ def from_json(name: str, shape: object, dt: object, data: object) -> np.ndarray:
 
 
 def _exact(data: list, array: np.ndarray) -> bool:
-    """Integers and booleans must not arrive as fractions or text (numpy would truncate)."""
-    probe = data
-    while isinstance(probe, list) and probe:
-        probe = probe[0]
-    if array.dtype.kind == "b":
-        return isinstance(probe, bool) or probe == [] or isinstance(probe, int) and probe in (0, 1)
-    return not isinstance(probe, (float, str)) or probe == []
+    """Integers and booleans must not arrive as fractions or text (numpy would truncate), in
+    any element, not only the first; booleans are true/false or 0/1."""
+    if not array.size:
+        return True
+    probe = np.asarray(data)  # float64 for [0, 2**64 - 1]: then look at each element
+    if probe.dtype.kind not in "biu" and not all(isinstance(x, int) for x in _flatten(data)):
+        return False
+    return array.dtype.kind != "b" or probe.dtype.kind == "b" or \
+        bool(((probe == 0) | (probe == 1)).all())
 
 
 def _flatten(data: Iterable) -> Iterable:

@@ -101,6 +101,10 @@ class OIPRest:
             self._auth(scope, "read", "infer")
             body, content_type = self.plane.metrics.render()
             return 200, body, [(b"content-type", content_type.encode())], None
+        if path == "/v2/models/stats":  # before _MODEL, which would read "stats" as a name
+            self._method(method, "GET")
+            self._auth(scope, "read", "infer")
+            return self._json({"model_stats": self._stats(None, None)})
         m = _MODEL.match(path)
         if m:
             name, version, action = m.group(1), m.group(2), m.group(3) or ""
@@ -122,10 +126,6 @@ class OIPRest:
             if version is None:
                 meta["versions"] = sorted(self.plane.served()[name], key=int)
             return self._json(meta)
-        if path == "/v2/models/stats":
-            self._method(method, "GET")
-            self._auth(scope, "read", "infer")
-            return self._json({"model_stats": self._stats(None, None)})
         if path == "/v2/repository/index":
             self._method(method, "POST")
             self._auth(scope, "read")

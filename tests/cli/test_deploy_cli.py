@@ -1,0 +1,67 @@
+"""`optiserve deploy / deployments / undeploy` as a user runs them: a real process, real exit
+codes, one readable line per mistake, and the registry holding what was deployed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from optiserve.api import register
+from tests.builders import linear_onnx, save_onnx
+from tests.cli.test_cli import cli, one_line_error
+
+
+@pytest.fixture
+def two_versions(tmp_path, sqlite_registry):
+    """Model 'm' with versions 1 and 2 in the registry the CLI processes use."""
+    for seed in (0, 1):
+        register("m", save_onnx(linear_onnx(4, 2, seed=seed), tmp_path / f"m{seed}.onnx"),
+                 registry=sqlite_registry)
+    return sqlite_registry
+
+
+def test_deploy_list_and_undeploy(two_versions, optiserve_home):
+    proc = cli("deploy", "m", "--versions", "latest:2", "--max-batch-size", "8",
+               "--preferred-batch-size", "4,8", "--max-queue-delay-us", "500", "--threads", "1",
+               "--json", home=optiserve_home)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["name"] == "m" and out["versions"] == ["1", "2"]
+    spec = out["spec"]
+    assert spec["model"] == "m" and spec["versions"] == {"latest": 2, "specific": None}
+    assert (spec["max_batch_size"], spec["preferred_batch_sizes"],
+            spec["max_queue_delay_us"], spec["threads"]) == (8, [4, 8], 500, 1)
+
+    proc = cli("deploy", "old", "--model", "m", "--versions", "1", "--max-batch-size", "0",
+               home=optiserve_home)
+    assert proc.returncode == 0, proc.stderr
+    assert "deployed old <- m:1" in proc.stderr and "max batch 0" in proc.stderr
+
+    listed = json.loads(cli("deployments", "--json", home=optiserve_home).stdout)
+    assert [(d["name"], d["model"], d["versions"]) for d in listed] == [
+        ("m", "m", {"latest": 2, "specific": None}), ("old", "m", {"latest": None,
+                                                               "specific": [1]})]
+
+    # the registry refuses to delete a deployed model
+    from optiserve.core.errors import ConflictError
+    with pytest.raises(ConflictError, match="served by deployment m, old"):
+        two_versions.delete_model("m")
+
+    proc = cli("undeploy", "old", home=optiserve_home)
+    assert proc.returncode == 0 and "removed deployment old" in proc.stderr
+    assert [d.name for d in two_versions.deployments.list()] == ["m"]
+    two_versions.deployments.remove("m")
+    assert two_versions.delete_model("m") == 2
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("deploy", "ghost"), "No model 'ghost'"),
+    (("deploy", "m", "--versions", "latest:x"), "comma-separated integers"),
+    (("undeploy", "ghost"), "No deployment 'ghost'"),
+])
+def test_user_mistakes_are_one_line_and_exit_2(two_versions, optiserve_home, args, needle):
+    proc = cli(*args, home=optiserve_home)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert needle in one_line_error(proc)
+    assert two_versions.deployments.list() == []  # nothing was stored
