@@ -23,7 +23,8 @@ PG_URL = os.environ.get("OPTISERVE_TEST_POSTGRES_URL",
 # Variables optiserve reads; each test starts without them (the developer's shell must not leak).
 _SEED_VARS = ("OPTIMIZATION_MAX_TIME_MINUTES", "OPTIMIZATION_ACCURACY_THRESHOLD",
               "TENSORRT_WORKSPACE_SIZE_GB", "ONNX_OPSET_VERSION")
-_REGISTRY_TABLES = ("optimization_runs", "model_versions", "artifacts", "models", "api_keys")
+_REGISTRY_TABLES = ("optimization_runs", "deployments", "model_versions", "artifacts", "models",
+                    "api_keys")
 
 
 @pytest.fixture(autouse=True)

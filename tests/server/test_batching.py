@@ -464,3 +464,37 @@ def test_close_without_drain_fails_queued_work(linear, batchers):
 
     assert asyncio.run(main())["y"].shape == (1, 3)
     assert len(linear.calls) == 1
+
+
+def test_a_fast_model_runs_on_the_loop_when_idle(linear, batchers):
+    """Once a model is known to compute faster than `inline_below_s`, a request that finds
+    nothing queued and an instance idle runs on the event loop (no thread hand-off); a slower
+    model, or one deployed with a queue delay, always goes through the instance threads."""
+    rng = np.random.default_rng(7)
+    xs = [_rows(rng, 1) for _ in range(6)]
+
+    def serve(**kw) -> tuple[list[str], str]:
+        threads: list[str] = []
+
+        def run(inputs, outputs):
+            threads.append(threading.current_thread().name)
+            return linear.run(inputs, outputs)
+
+        b = batchers(run, max_batch_size=64, **kw)
+
+        async def main():
+            for x in xs:
+                got = await b.submit({"x": x}, None)
+                np.testing.assert_allclose(got["y"], linear.expected({"x": x})["y"],
+                                           rtol=1e-5, atol=1e-6)
+            return threading.current_thread().name
+
+        return threads, asyncio.run(main())
+
+    threads, loop_thread = serve(inline_below_s=60.0)  # any model counts as fast
+    assert threads[0].startswith("optiserve-m-")       # nothing measured yet: a thread
+    assert set(threads[1:]) == {loop_thread}           # then, idle and fast: inline
+    threads, _ = serve(inline_below_s=0.0)             # no model is that fast
+    assert all(t.startswith("optiserve-m-") for t in threads)
+    threads, _ = serve(inline_below_s=60.0, max_queue_delay_us=1)  # a delay asks for batches
+    assert all(t.startswith("optiserve-m-") for t in threads)

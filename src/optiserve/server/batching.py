@@ -30,6 +30,11 @@ from optiserve.core.errors import OptiserveError, first_line
 log = logging.getLogger("optiserve.server")
 
 RunFn = Callable[[dict[str, np.ndarray], list[str] | None], dict[str, np.ndarray]]
+# A request that finds the queue empty and an instance idle runs on the event loop itself when
+# the model's recent batches computed faster than this: for a model that answers in
+# microseconds, handing the request to a thread and the answer back costs more than the work,
+# and batching has next to nothing to save. Not with a queue delay: that asks for batches.
+INLINE_BELOW_S = 100e-6
 
 
 class QueueFull(OptiserveError):
@@ -91,8 +96,10 @@ class Batcher:
     def __init__(self, name: str, runners: list[RunFn], *, max_batch_size: int,
                  max_queue_delay_us: int = 0, preferred_batch_sizes: list[int] | None = None,
                  max_queue_size: int = 1024, timeout_s: float | None = None,
-                 on_batch: Callable[[BatchStats], None] | None = None):
+                 on_batch: Callable[[BatchStats], None] | None = None,
+                 inline_below_s: float = INLINE_BELOW_S):
         self.name = name
+        self.inline_below_s = inline_below_s
         self.max_batch_size = max_batch_size
         self.delay_s = max_queue_delay_us / 1e6
         self.preferred = sorted(set(preferred_batch_sizes or []))
@@ -102,9 +109,12 @@ class Batcher:
         self._queue: deque[Pending] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._threads = [threading.Thread(target=self._work, args=(run,), daemon=True,
+        self._runners = runners
+        self._busy = [threading.Lock() for _ in runners]  # held while an instance computes
+        self._compute_s: float | None = None  # moving average of a batch's compute time
+        self._threads = [threading.Thread(target=self._work, args=(i,), daemon=True,
                                           name=f"optiserve-{name}-{i}")
-                         for i, run in enumerate(runners)]
+                         for i in range(len(runners))]
         for t in self._threads:
             t.start()
 
@@ -129,6 +139,8 @@ class Batcher:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         item = Pending(inputs, outputs, rows, key, loop.create_future(), loop, now,
                        now + timeout if timeout else None)
+        if self._inline(item):
+            return item.future
         with self._cond:
             if self._closed:
                 raise ModelUnavailable(f"Model '{self.name}' is being unloaded.",
@@ -140,6 +152,21 @@ class Batcher:
         if timeout:  # fail at the deadline even while every instance is busy
             item.timer = loop.call_later(timeout, self._timed_out, item)
         return item.future
+
+    def _inline(self, item: Pending) -> bool:
+        """Run `item` here, on the event loop, if nothing is queued, an instance is idle and
+        the model is fast enough (`inline_below_s`); False to queue it instead."""
+        if self._queue or self._closed or self.delay_s or self._compute_s is None or \
+                self._compute_s > self.inline_below_s:
+            return False
+        for run, busy in zip(self._runners, self._busy):
+            if busy.acquire(blocking=False):
+                try:
+                    self._run(run, [item], inline=True)
+                finally:
+                    busy.release()
+                return True
+        return False
 
     def _timed_out(self, item: Pending) -> None:
         """On the event loop, at a request's deadline: fail it if it is still queued."""
@@ -165,13 +192,15 @@ class Batcher:
             t.join(timeout=60)
 
     # -- the instance side (threads) ----------------------------------------------------------
-    def _work(self, run: RunFn) -> None:
+    def _work(self, i: int) -> None:
+        run, busy = self._runners[i], self._busy[i]
         while True:
             with self._cond:
                 batch = self._next_batch()
                 if batch is None:
                     return
-            self._run(run, batch)
+            with busy:
+                self._run(run, batch)
 
     def _next_batch(self) -> list[Pending] | None:
         """Under the lock: wait for work and cut a batch; None when closed and drained."""
@@ -221,7 +250,7 @@ class Batcher:
             self._queue.remove(p)
             _fail([p], RequestTimeout(self.name, now - p.enqueued))
 
-    def _run(self, run: RunFn, batch: list[Pending]) -> None:
+    def _run(self, run: RunFn, batch: list[Pending], inline: bool = False) -> None:
         start = time.perf_counter()
         rows = sum(p.rows for p in batch)
         try:
@@ -241,9 +270,11 @@ class Batcher:
             if not isinstance(exc, OptiserveError):
                 log.exception("model %s failed on a batch of %d", self.name, len(batch))
                 exc = ModelFailed(f"Model '{self.name}' failed: {first_line(exc)}.")
-            _fail(batch, exc)
+            _deliver([(p, exc) for p in batch], inline)
             return
         end = time.perf_counter()
+        c = self._compute_s
+        self._compute_s = end - start if c is None else 0.8 * c + 0.2 * (end - start)
         parts, offset = [], 0
         for p in batch:
             if len(batch) == 1:
@@ -258,11 +289,15 @@ class Batcher:
                                          end - start))
             except Exception:  # counting must never keep an answer from its request
                 log.exception("model %s: recording a batch failed", self.name)
-        _deliver(parts)
+        _deliver(parts, inline)
 
 
-def _deliver(parts: list[tuple[Pending, object]]) -> None:
-    """Resolve futures with one wake-up per event loop, not one per request."""
+def _deliver(parts: list[tuple[Pending, object]], inline: bool = False) -> None:
+    """Resolve futures with one wake-up per event loop, not one per request (`inline`: we
+    are on the requests' own loop, so resolve them now)."""
+    if inline:
+        _resolve(parts)
+        return
     by_loop: dict[asyncio.AbstractEventLoop, list] = {}
     for p, value in parts:
         by_loop.setdefault(p.loop, []).append((p, value))

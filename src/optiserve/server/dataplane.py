@@ -156,6 +156,7 @@ class DataPlane:
         self._served: dict[str, dict[str, ServedVersion]] = {}
         self._states: dict[str, _State] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._started = False
 
     # -- lookups (the hot path) ---------------------------------------------------------------
     def get(self, name: str, version: str | None = None) -> ServedVersion:
@@ -185,7 +186,10 @@ class DataPlane:
         return self._served
 
     def ready(self) -> bool:
-        return all(s.state == "READY" for s in self._states.values())
+        """Every deployment stored when the server started has loaded (a deployment added or
+        reloaded later does not take the server out of its load balancer while it loads;
+        one that cannot load at all does)."""
+        return self._started and all(s.state != "UNAVAILABLE" for s in self._states.values())
 
     def index(self) -> list[dict]:
         """Every deployment and registered model with its state (repository extension)."""
@@ -214,6 +218,7 @@ class DataPlane:
                 await self.load(d)
             except OptiserveError as exc:
                 log.error("deployment %s did not load: %s", d.name, exc)
+        self._started = True
 
     async def load(self, deployment: Deployment | str, *, stored: bool = True
                    ) -> list[ServedVersion]:
