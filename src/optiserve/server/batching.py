@@ -79,7 +79,15 @@ class Pending:
     enqueued: float
     deadline: float | None
     timings: dict = field(default_factory=dict)
-    timer: asyncio.TimerHandle | None = None
+
+
+@dataclass(frozen=True)
+class _Timer:
+    loop: asyncio.AbstractEventLoop
+    handle: asyncio.TimerHandle
+
+    def cancel(self) -> None:
+        self.handle.cancel()
 
 
 @dataclass(frozen=True)
@@ -112,6 +120,7 @@ class Batcher:
         self._runners = runners
         self._busy = [threading.Lock() for _ in runners]  # held while an instance computes
         self._compute_s: float | None = None  # moving average of a batch's compute time
+        self._sweep_at: tuple[float, _Timer | None] = (0.0, None)
         self._threads = [threading.Thread(target=self._work, args=(i,), daemon=True,
                                           name=f"optiserve-{name}-{i}")
                          for i in range(len(runners))]
@@ -150,8 +159,33 @@ class Batcher:
             self._queue.append(item)
             self._cond.notify()
         if timeout:  # fail at the deadline even while every instance is busy
-            item.timer = loop.call_later(timeout, self._timed_out, item)
+            self._arm(loop, item.deadline)
         return item.future
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        """One sweep timer per batcher, at the earliest deadline queued (a timer per request
+        would fill the loop's heap with cancelled handles at thousands of requests/s)."""
+        when, handle = self._sweep_at
+        if handle is not None and when <= deadline and handle.loop is loop:
+            return
+        if handle is not None:
+            handle.cancel()
+        delay = max(0.0, deadline - time.perf_counter())
+        self._sweep_at = (deadline, _Timer(loop, loop.call_later(delay, self._sweep, loop)))
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the event loop: fail the queued requests past their deadline, re-arm."""
+        now = time.perf_counter()
+        with self._cond:
+            late = [p for p in self._queue if p.deadline is not None and p.deadline <= now]
+            for p in late:
+                self._queue.remove(p)
+            nxt = min((p.deadline for p in self._queue
+                       if p.deadline is not None and p.loop is loop), default=None)
+        self._sweep_at = (0.0, None)
+        if nxt is not None:
+            self._arm(loop, nxt)
+        _resolve([(p, RequestTimeout(self.name, now - p.enqueued)) for p in late])
 
     def _inline(self, item: Pending) -> bool:
         """Run `item` here, on the event loop, if nothing is queued, an instance is idle and
@@ -167,17 +201,6 @@ class Batcher:
                     busy.release()
                 return True
         return False
-
-    def _timed_out(self, item: Pending) -> None:
-        """On the event loop, at a request's deadline: fail it if it is still queued."""
-        with self._cond:
-            try:
-                self._queue.remove(item)
-            except ValueError:
-                return  # already running (or answered)
-        if not item.future.done():
-            item.future.set_exception(RequestTimeout(self.name,
-                                                     time.perf_counter() - item.enqueued))
 
     def close(self, drain: bool = True) -> None:
         """Stop taking requests; finish (or with drain=False fail) what is queued; join."""
@@ -314,8 +337,6 @@ def _fail(batch: list[Pending], exc: BaseException) -> None:
 
 def _resolve(items: list) -> None:
     for p, value in items:
-        if p.timer is not None:
-            p.timer.cancel()
         future = p.future
         if future.done():
             continue
