@@ -4,7 +4,6 @@ clients holding API keys with chosen scopes."""
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -53,11 +52,9 @@ class Live:
 @pytest.fixture
 def make_server(request):
     """make_server(database_url=None, jobs=True, **settings) -> Live; stopped after the test."""
-    import uvicorn
-
     from optiserve.core.settings import load_settings
     from optiserve.registry import Registry
-    from optiserve.server.app import create_app
+    from optiserve.server.app import create_app, serve_in_thread
 
     started = []
 
@@ -66,27 +63,16 @@ def make_server(request):
                                  **{"grpc_port": 0, **overrides})
         registry = Registry(settings)
         admin = registry.keys.create("admin", ["admin"])[1]
-        app = create_app(settings, registry=registry, jobs=jobs)
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                               log_level="warning", lifespan="on"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 20
-        while not server.started:
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-        live = Live(f"http://127.0.0.1:{port}", registry, settings, admin)
-        started.append((server, thread, registry, live))
+        running = serve_in_thread(create_app(settings, registry=registry, jobs=jobs))
+        live = Live(running.__enter__(), registry, settings, admin)
+        started.append((running, registry, live))
         return live
 
     yield make
-    for server, thread, registry, live in started:
+    for running, registry, live in started:
         for c in live._clients:
             c.close()
-        server.should_exit = True
-        thread.join(timeout=30)
+        running.__exit__(None, None, None)
         registry.close()
 
 

@@ -10,8 +10,6 @@ answers against the labels.
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
 import time
 from contextlib import contextmanager
 
@@ -28,31 +26,14 @@ CONCURRENCY = 16
 
 @contextmanager
 def running_server(registry):
-    """The server app under uvicorn in a thread; yields its base URL."""
-    import uvicorn
-
+    """The server app (keys on, no gRPC, no jobs) in a thread; yields its base URL."""
     from optiserve.core.settings import load_settings
-    from optiserve.server.app import create_app
+    from optiserve.server.app import create_app, serve_in_thread
 
     settings = load_settings(home=registry.settings.home, grpc_port=0, auth="on")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, registry=registry, jobs=False),
-                                           host="127.0.0.1", port=port, log_level="error",
-                                           access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the demo server did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with serve_in_thread(create_app(settings, registry=registry, jobs=False),
+                         log_level="error") as url:
+        yield url
 
 
 def serve_demo(console: Console, registry, datasets: dict[str, Dataset],

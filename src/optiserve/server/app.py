@@ -5,7 +5,11 @@ front of FastAPI) and over gRPC. `optiserve serve` runs it with uvicorn."""
 from __future__ import annotations
 
 import logging
-from contextlib import asynccontextmanager
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 from fastapi import FastAPI
 
@@ -69,3 +73,29 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_upload_mb * 1e6))
     app.add_middleware(OIPRest, plane=plane, keys=keys, settings=settings)
     return app
+
+
+@contextmanager
+def serve_in_thread(app: FastAPI, *, host: str = "127.0.0.1",
+                    log_level: str = "warning") -> Iterator[str]:
+    """uvicorn serving `app` in a thread on a free port, for the demo and the tests: yields
+    the base URL once the app has started (deployments loaded), stops it on exit."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           access_log=False, lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the server did not start (see its log above)")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -32,6 +32,19 @@ def scope(*any_of: str, cached: bool = False):
     return check
 
 
+def token_of(headers) -> str | None:
+    """The API key of a request's (name, value) header pairs, names in lower case:
+    `authorization: Bearer osk_...` (which wins) or `x-api-key`. Shared by the REST and
+    gRPC inference faces, which read headers without FastAPI."""
+    token = None
+    for name, value in headers:
+        if name == "authorization":
+            return value[7:].strip() if value[:7].lower() == "bearer " else None
+        if name == "x-api-key":
+            token = value
+    return token
+
+
 class KeyCache:
     """Verified keys remembered for `ttl_s`, so the inference path (thousands of requests a
     second) does not read the database on each one. A revoked key stops working within

@@ -26,7 +26,7 @@ from optiserve.registry.registry import Registry, VersionInfo, check_model_name
 from optiserve.runtimes.base import Runtime, load_runtime
 from optiserve.server.batching import Batcher
 from optiserve.server.metrics import Metrics, VersionStats
-from optiserve.server.tensors import TensorError, check_input, datatype
+from optiserve.server.tensors import TensorError, check_input, datatype, platform
 
 log = logging.getLogger("optiserve.server")
 _WARMUP_SEQ = 8  # size given to dynamic dimensions other than the batch while warming up
@@ -100,7 +100,6 @@ class ServedVersion:
                      "dims": list(t.shape[1:] if self.max_batch_size else t.shape)}
                     for t in specs]
 
-        from optiserve.server.tensors import platform
         s = self.spec
         config = {"name": self.name, "platform": platform(self.info.format),
                   "backend": self.runtimes[0].name, "max_batch_size": self.max_batch_size,
@@ -122,7 +121,6 @@ class ServedVersion:
 
     def metadata(self) -> dict:
         """Model metadata (`GET /v2/models/{m}[/versions/{v}]`)."""
-        from optiserve.server.tensors import platform
 
         def tensors(specs: tuple[TensorSpec, ...]) -> list[dict]:
             return [{"name": t.name, "datatype": datatype(t.dtype), "shape": list(t.shape)}
@@ -191,8 +189,16 @@ class DataPlane:
         one that cannot load at all does)."""
         return self._started and all(s.state != "UNAVAILABLE" for s in self._states.values())
 
-    def index(self) -> list[dict]:
-        """Every deployment and registered model with its state (repository extension)."""
+    def state(self, name: str) -> tuple[str, str]:
+        """(state, reason) of one deployment on this server."""
+        if self._served.get(name):
+            return "READY", ""
+        state = self._states.get(name)
+        return (state.state, state.reason) if state else ("UNAVAILABLE", "")
+
+    async def index(self) -> list[dict]:
+        """Every deployment and registered model with its state (repository extension); the
+        registry is read off the event loop."""
         out = []
         for name, state in sorted(self._states.items()):
             versions = self._served.get(name) or {}
@@ -203,7 +209,7 @@ class DataPlane:
                 out.append({"name": name, "version": "", "state": state.state,
                             "reason": state.reason})
         deployed = set(self._states)
-        for model in self.registry.models():
+        for model in await asyncio.to_thread(self.registry.models):
             if model.name not in deployed:
                 out.append({"name": model.name, "version": "", "state": "UNAVAILABLE",
                             "reason": "not deployed"})

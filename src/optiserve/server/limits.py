@@ -7,20 +7,22 @@ import json
 from optiserve.core.errors import PayloadTooLarge
 
 
+def too_large(max_bytes: int) -> PayloadTooLarge:
+    """The 413 of every face that reads a body (this middleware, the /v2 layer)."""
+    return PayloadTooLarge(f"The request body is larger than the limit of "
+                           f"{max_bytes / 1e6:g} MB.",
+                           hint="Send a smaller body (a smaller file, fewer rows), or raise "
+                           "OPTISERVE_MAX_UPLOAD_MB on the server.")
+
+
 class BodyLimit:
     """Pure ASGI middleware: 413 when Content-Length or the bytes received pass `max_bytes`."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
 
-    def _error(self) -> PayloadTooLarge:
-        return PayloadTooLarge(f"The request body is larger than the limit of "
-                               f"{self.max_bytes / 1e6:g} MB.",
-                               hint="Raise OPTISERVE_MAX_UPLOAD_MB on the server, or send a "
-                               "smaller file.")
-
     async def _refuse(self, send) -> None:
-        body = json.dumps({"error": str(self._error())}).encode()
+        body = json.dumps({"error": str(too_large(self.max_bytes))}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode()),

@@ -77,7 +77,10 @@ def from_json(name: str, shape: object, dt: object, data: object) -> np.ndarray:
         if dtype.kind == "O":
             flat = list(_flatten(data))
             array = np.empty(len(flat), dtype=object)
-            array[:] = [x.encode() if isinstance(x, str) else _bytes_item(name, x) for x in flat]
+            odd = [x for x in flat if not isinstance(x, str)]
+            if odd:
+                raise TypeError(f"BYTES elements are strings, got {type(odd[0]).__name__}")
+            array[:] = [x.encode() for x in flat]
         else:
             array = np.asarray(data, dtype=dtype)
             if dtype.kind in "iub" and not _exact(data, array):
@@ -109,10 +112,6 @@ def _flatten(data: Iterable) -> Iterable:
             yield from _flatten(x)
         else:
             yield x
-
-
-def _bytes_item(name: str, x: object) -> bytes:
-    raise TypeError(f"BYTES elements are strings, got {type(x).__name__}")
 
 
 def from_binary(name: str, shape: object, dt: object, raw: memoryview) -> np.ndarray:

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from optiserve.core.errors import ConfigError, OptiserveError, first_line
+from optiserve.server.auth import token_of
 from optiserve.server.batching import QueueFull
 from optiserve.server.grpc import codec
 from optiserve.server.grpc import inference_pb2 as pb
@@ -137,7 +138,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
     @_answers_errors
     async def RepositoryIndex(self, request, context):
         self._auth(context, "read")
-        return codec.repository_index(self.plane.index(), request.ready)
+        return codec.repository_index(await self.plane.index(), request.ready)
 
     @_answers_errors
     async def RepositoryModelLoad(self, request, context):
@@ -195,17 +196,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         """The key in `authorization: Bearer osk_...` (or `x-api-key`) has one of the scopes
         (401 / 403 otherwise), as on REST."""
         if self.auth:
-            self.keys.verify(_token(context), *any_of)
-
-
-def _token(context: grpc.aio.ServicerContext) -> str | None:
-    token = None
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization":
-            return value[7:].strip() if value[:7].lower() == "bearer " else None
-        if key == "x-api-key":
-            token = value
-    return token
+            self.keys.verify(token_of(context.invocation_metadata() or ()), *any_of)
 
 
 async def start_grpc(plane, keys, settings, *, host: str) -> grpc.aio.Server:

@@ -19,10 +19,9 @@ _EXAMPLE = {"model": "churn", "versions": {"latest": 1}, "max_batch_size": 64,
 
 def deployment_json(d: Deployment, plane) -> dict[str, Any]:
     loaded = plane.served().get(d.name) or {}
-    state = next((e for e in plane.index() if e["name"] == d.name), {})
+    state, reason = plane.state(d.name)
     return {"name": d.name, "spec": d.spec.model_dump(mode="json"),
-            "loaded_versions": sorted(loaded, key=int),
-            "state": state.get("state", "UNAVAILABLE"), "reason": state.get("reason", ""),
+            "loaded_versions": sorted(loaded, key=int), "state": state, "reason": reason,
             "created_at": d.created_at.isoformat() if d.created_at else None,
             "updated_at": d.updated_at.isoformat() if d.updated_at else None}
 

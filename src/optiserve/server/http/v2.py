@@ -18,10 +18,13 @@ import numpy as np
 import orjson
 
 import optiserve
-from optiserve.core.errors import OptiserveError, PayloadTooLarge, first_line
+from optiserve.core.errors import OptiserveError, first_line
 from optiserve.server.batching import QueueFull
-from optiserve.server.metrics import UNKNOWN
-from optiserve.server.tensors import TensorError, from_binary, from_json, json_data, to_bytes
+from optiserve.server.auth import token_of
+from optiserve.server.limits import too_large
+from optiserve.server.metrics import UNKNOWN, outcome
+from optiserve.server.tensors import (TensorError, datatype, from_binary, from_json, json_data,
+                                     to_bytes)
 
 log = logging.getLogger("optiserve.server")
 
@@ -83,9 +86,7 @@ class OIPRest:
         if served is not None:
             served.stats.request("rest", status, total_s)
         else:
-            self.plane.metrics.requests.labels(UNKNOWN, "", "rest",
-                                               "not_found" if status == 404 else
-                                               "bad_request" if status < 500 else "error").inc()
+            self.plane.metrics.requests.labels(UNKNOWN, "", "rest", outcome(status)).inc()
 
     # -- routing ------------------------------------------------------------------------------
     async def _route(self, scope, receive, path: str, started: float):
@@ -130,7 +131,7 @@ class OIPRest:
             self._method(method, "POST")
             self._auth(scope, "read")
             query = orjson.loads(await self._body(scope, receive) or b"{}")
-            index = self.plane.index()
+            index = await self.plane.index()
             if isinstance(query, dict) and query.get("ready"):
                 index = [e for e in index if e["state"] == "READY"]
             return self._json(index)
@@ -159,23 +160,15 @@ class OIPRest:
                          [(b"allow", allowed.encode())])
 
     def _auth(self, scope, *any_of: str) -> None:
-        if not self.auth:
-            return
-        token = None
-        for k, v in scope["headers"]:
-            if k == b"authorization":
-                value = v.decode("latin-1")
-                token = value[7:].strip() if value[:7].lower() == "bearer " else None
-                break
-            if k == b"x-api-key":
-                token = v.decode("latin-1")
-        self.keys.verify(token, *any_of)
+        if self.auth:
+            self.keys.verify(token_of((k.decode("latin-1"), v.decode("latin-1"))
+                                      for k, v in scope["headers"]), *any_of)
 
     async def _body(self, scope, receive) -> bytes:
         chunks, size = [], 0
         for k, v in scope["headers"]:
             if k == b"content-length" and v.isdigit() and int(v) > self.max_bytes:
-                raise self._too_large()
+                raise too_large(self.max_bytes)
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
@@ -183,7 +176,7 @@ class OIPRest:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                raise self._too_large()
+                raise too_large(self.max_bytes)
             chunks.append(chunk)
             if not message.get("more_body"):
                 break
@@ -197,14 +190,8 @@ class OIPRest:
                 raise _Reply(400, {"error": f"The {encoding.decode()} body does not "
                                    f"decompress ({exc})."}) from None
             if len(body) > self.max_bytes:
-                raise self._too_large()
+                raise too_large(self.max_bytes)
         return body
-
-    def _too_large(self) -> PayloadTooLarge:
-        return PayloadTooLarge(f"The request body is larger than the limit of "
-                               f"{self.max_bytes / 1e6:g} MB.",
-                               hint="Send fewer rows per request, or raise "
-                               "OPTISERVE_MAX_UPLOAD_MB on the server.")
 
     def _stats(self, name: str | None, version: str | None) -> list[dict]:
         if name is None:
@@ -245,8 +232,6 @@ class OIPRest:
             result = await served.infer(arrays, [w[0] for w in wanted] or None, timeout_s)
         except OptiserveError as exc:
             exc.served = served  # so the request is counted under its model
-            raise
-        except _Reply:
             raise
         status, body, headers = _response(served, request, result, wanted, binary_out)
         return status, body, headers, served
@@ -341,7 +326,7 @@ def _response(served, request: dict, result: dict[str, np.ndarray], wanted, bina
     names = wanted or [(n, binary_default) for n in result]
     for name, binary in names:
         array = result[name]
-        entry = {"name": name, "datatype": _datatype(array), "shape": list(array.shape)}
+        entry = {"name": name, "datatype": datatype(array.dtype), "shape": list(array.shape)}
         if binary:
             blob = to_bytes(array)
             entry["parameters"] = {"binary_data_size": len(blob)}
@@ -360,7 +345,3 @@ def _response(served, request: dict, result: dict[str, np.ndarray], wanted, bina
         (b"content-type", b"application/octet-stream"),
         (_HEADER_LENGTH, str(len(header)).encode())]
 
-
-def _datatype(array: np.ndarray) -> str:
-    from optiserve.server.tensors import datatype
-    return datatype(array.dtype)
