@@ -63,6 +63,7 @@ class Optimizer:
         self.notes: list[str] = []
         self.timed_out = False
         self.plans: dict[str, list] = {}
+        self.training: Dataset | None = None
 
     # -- one candidate ------------------------------------------------------------------
     def measure(self, artifact: Artifact, dataset: Dataset, reference, task) -> Candidate:
@@ -111,7 +112,7 @@ class Optimizer:
         if unused:
             self.notes.append(f"options given for passes not requested: {sorted(unused)}")
         ctx_args = {"settings": self.settings, "sample": dataset.take(min(2, dataset.n)),
-                    "calibration": calibration}
+                    "calibration": calibration, "training": self.training}
         frontier, made = [original], [original]
         for step, name in enumerate(names):
             branching = get_pass(name).branches
@@ -167,6 +168,7 @@ class Optimizer:
         self.plans = {n: expand(get_pass(n), configs.get(n)) for n in self.request.optimizations}
         version = self.registry.resolve(self.request.model_id)
         dataset = load_dataset(self.request, version, self.settings)
+        self.training = self._training(version)
         return version, dataset, self._calibration(version, dataset)
 
     def planned(self) -> int:
@@ -271,6 +273,14 @@ class Optimizer:
             return dataset  # passes that calibrate say so in their notes
         return load(spec, version.signature, self.settings,
                     feature_names=version.meta.get("feature_names"), role="calibration")
+
+    def _training(self, version: VersionInfo) -> Dataset | None:
+        spec = self.request.training_dataset
+        if spec is None:
+            return None
+        return load(spec, version.signature, self.settings,
+                    feature_names=version.meta.get("feature_names"), role="training",
+                    default_label=version.meta.get("label_column"))
 
     def _explain_parity(self, cand: Candidate, original: Candidate) -> None:
         differing = cand.parity.get("labels_differing", 0)

@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from optiserve.core.errors import ConfigError, UnknownNameError
+from optiserve.core.hardware import Hardware, detect
 from optiserve.core.settings import Settings
 from optiserve.core.types import Signature
 
@@ -61,13 +62,16 @@ class Artifact:
 
 @dataclass
 class PassContext:
-    """What a pass may use: a scratch folder, settings, a small batch of real inputs, and rows
-    to calibrate with (a Dataset: the calibration data, else the validation data)."""
+    """What a pass may use: a scratch folder, settings, a small batch of real inputs, rows to
+    calibrate with (a Dataset: the calibration data, else the validation data), rows to train
+    with (a Dataset, or None when the request gave no training data), and the hardware."""
 
     workdir: Path
     settings: Settings
     sample: dict[str, np.ndarray]
     calibration: Any = None
+    training: Any = None
+    hardware: Hardware = field(default_factory=detect)
 
 
 class PassSkipped(Exception):

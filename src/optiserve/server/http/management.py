@@ -229,7 +229,8 @@ def _checked(request: OptimizeRequest, registry: Registry) -> OptimizeRequest:
     root = registry.settings.data_folder
     request = request.model_copy(update={
         "validation_dataset": confine(request.validation_dataset, root),
-        "calibration_dataset": confine(request.calibration_dataset, root)})
+        "calibration_dataset": confine(request.calibration_dataset, root),
+        "training_dataset": confine(request.training_dataset, root)})
     version, _, _ = Optimizer(registry, request).prepare()
     return request.model_copy(update={"model_id": version.ref})
 
