@@ -95,8 +95,10 @@ def register(name: str = typer.Argument(..., help="Model name in the registry, e
 def optimize(
     model: str = typer.Argument(..., help="MODEL or MODEL:VERSION."),
     opt: str = typer.Option("onnx_conversion,quantization", "--opt",
-                            help="Passes, comma-separated, in order."),
-    quant_method: str = typer.Option("dynamic", help="Quantization method."),
+                            help="Passes, comma-separated, in order; 'auto' tries every pass "
+                            "that can pay off on this machine."),
+    quant_method: Optional[str] = typer.Option(None, help="Quantization method: dynamic or "
+                                               "static; default: try both."),
     quant_precision: str = typer.Option("int8", help="Quantization precision."),
     per_channel: Optional[bool] = typer.Option(None, "--per-channel/--per-tensor",
                                                help="Weight scales; default: try both."),
@@ -106,6 +108,11 @@ def optimize(
     validation_file: Optional[str] = typer.Option(None, help="CSV, Parquet or NPZ file."),
     data_source: Optional[str] = typer.Option(None, help="Named SQL data source."),
     label_column: Optional[str] = typer.Option(None, help="Column holding the labels."),
+    calibration_file: Optional[str] = typer.Option(
+        None, help="Rows to calibrate static INT8 with (CSV, Parquet, NPZ); default: the "
+        "validation rows."),
+    training_file: Optional[str] = typer.Option(
+        None, help="Labelled rows for passes that train (qat)."),
     threshold: Optional[float] = typer.Option(None, help="Keep this fraction of the metric."),
     batch_sizes: str = typer.Option("1", help="Batch sizes to benchmark; the first decides."),
     iterations: int = typer.Option(200, help="Timed calls per candidate and batch size."),
@@ -117,7 +124,7 @@ def optimize(
     from optiserve.api import optimize as api_optimize
     from optiserve.data.sources import parse_spec
 
-    quant = {"method": quant_method, "precision": quant_precision}
+    quant = {"precision": quant_precision, **({"method": quant_method} if quant_method else {})}
     if per_channel is not None:
         quant["per_channel"] = per_channel
     configs: dict[str, dict] = {}
@@ -138,6 +145,8 @@ def optimize(
             "quantization_config": quant if "quantization" in passes else None,
             "pass_configs": configs, "accuracy_threshold": threshold,
             "validation_dataset": spec.model_dump() if spec else None,
+            "calibration_dataset": _file_spec(calibration_file, None),
+            "training_dataset": _file_spec(training_file, label_column),
             "batch_sizes": _ints(batch_sizes, "--batch-sizes"), "iterations": iterations,
             "warmup": warmup}
     registry = _registry()
@@ -149,6 +158,13 @@ def optimize(
         _error(exc)
         raise typer.Exit(3)
     _show(result, as_json, details)
+
+
+def _file_spec(path: str | None, label: str | None) -> dict | None:
+    from optiserve.data.sources import parse_spec
+
+    spec = parse_spec(sql=None, path=path, label=label, data_source=None) if path else None
+    return spec.model_dump() if spec else None
 
 
 def _show(result, as_json: bool, details: bool) -> None:

@@ -27,8 +27,16 @@ def report(console: Console, result) -> None:
     console.print(f"[bold]gate[/]: {gate.reason}  ->  "
                   + ("[green]pass[/]" if gate.passed else "[red]fail[/]"))
     console.print(f"data: {result.dataset}; threads: {result.threads}")
+    if result.hardware:
+        console.print(f"hardware: {result.hardware['summary']}")
+    for bs, c in result.fastest.items():
+        if c is not result.chosen and c.version is not None:
+            console.print(f"fastest at batch {bs}: #{result.candidates.index(c)} "
+                          f"{c.artifact.label}, kept as version {c.version.version}")
     for note in result.notes:
         console.print(f"[dim]note: {note}[/]")
+    if result.pareto_png:
+        console.print(f"Pareto chart: {result.pareto_png}")
 
 
 def candidates(console: Console, result) -> None:

@@ -19,15 +19,19 @@ import numpy as np
 from optiserve.bench.isolated import benchmark_isolated
 from optiserve.convert.detect import FRAMEWORKS
 from optiserve.convert.torch import example_arrays
-from optiserve.core.errors import GateFailedError, OptimizationTimeout, OptiserveError
+from optiserve.core.errors import (DatasetError, GateFailedError, OptimizationTimeout,
+                                   OptiserveError)
+from optiserve.core.hardware import detect
 from optiserve.core.settings import Settings
 from optiserve.data import metrics
 from optiserve.data.binding import Dataset
 from optiserve.data.sources import load
 from optiserve.optimizer.report import Candidate, OptimizationResult, build_report
 from optiserve.optimizer.request import OptimizeRequest
+from optiserve.optimizer import pareto, search
 from optiserve.optimizer.search import expand
-from optiserve.passes.base import Artifact, PassContext, PassSkipped, get_pass
+from optiserve.optimizer.tree import CandidateTree
+from optiserve.passes.base import Artifact, get_pass
 from optiserve.registry.registry import Registry, VersionInfo
 from optiserve.runtimes.base import load_runtime
 
@@ -64,6 +68,9 @@ class Optimizer:
         self.timed_out = False
         self.plans: dict[str, list] = {}
         self.training: Dataset | None = None
+        self.hardware = detect()
+        # candidate verdicts by id(artifact), read by the tree walk to decide on retries
+        self.verdicts: dict[int, Candidate] = {}
 
     # -- one candidate ------------------------------------------------------------------
     def measure(self, artifact: Artifact, dataset: Dataset, reference, task) -> Candidate:
@@ -91,7 +98,9 @@ class Optimizer:
 
     # -- the tree of candidates ---------------------------------------------------------
     def chain(self, original: Artifact) -> list[str]:
-        names = list(self.request.optimizations)
+        names = search.chain(self.request.optimizations)
+        if "auto" in self.request.optimizations:
+            names = self._auto(names)
         classes = [get_pass(n) for n in names]
         if names and classes[0].needs_onnx and original.format != "onnx" \
                 and "onnx_conversion" not in names:
@@ -99,11 +108,26 @@ class Optimizer:
             self.notes.append("added onnx_conversion first: the other passes work on ONNX")
         return names
 
-    def candidates(self, original: Artifact, dataset: Dataset, calibration: Dataset,
+    def _auto(self, names: list[str]) -> list[str]:
+        """"auto" leaves out what cannot pay off here, and says so."""
+        left_out = []
+        if not self.hardware.cuda:
+            gpu = [n for n in ("fp16", "tensorrt") if n in names
+                   and n not in self.request.optimizations]
+            if gpu:
+                left_out.append(f"{' and '.join(gpu)}: no GPU here ({self.hardware.summary()}); "
+                                "they are GPU optimizations. Name them to measure them anyway")
+            names = [n for n in names if n not in gpu]
+        if self.training is None and "qat" in names and "qat" not in self.request.optimizations:
+            left_out.append("qat: it trains, and the request has no training_dataset")
+            names.remove("qat")
+        for text in left_out:
+            self._note(f"auto left out {text}")
+        return names
+
+    def candidates(self, original: Artifact, dataset: Dataset, calibration: Dataset | None,
                    workdir: Path):
-        """Yield candidates level by level. A pass applies to every node of the frontier (a
-        skipped node carries on unchanged); a branching pass applies to every node made so far
-        and its children are leaves."""
+        """Yield candidates (see optimizer/tree.py); each is measured before the next."""
         configs = self.request.configs()
         names = self.chain(original)
         plans = {n: self.plans[n] if n in self.plans else expand(get_pass(n), configs.get(n))
@@ -111,41 +135,14 @@ class Optimizer:
         unused = set(configs) - set(names)
         if unused:
             self.notes.append(f"options given for passes not requested: {sorted(unused)}")
-        ctx_args = {"settings": self.settings, "sample": dataset.take(min(2, dataset.n)),
-                    "calibration": calibration, "training": self.training}
-        frontier, made = [original], [original]
-        for step, name in enumerate(names):
-            branching = get_pass(name).branches
-            nxt, skipped, made_before = [], [], len(made)
-            for node in (list(made) if branching else frontier):
-                for i, config in enumerate(plans[name]):
-                    if self._out_of_time():
-                        return
-                    if get_pass(name).needs_onnx and node.format != "onnx":
-                        skipped.append(f"{name} skipped on {node.label}: it works on ONNX, "
-                                       f"not {node.format}; put onnx_conversion before it")
-                        if node not in nxt:
-                            nxt.append(node)
-                        continue
-                    self.progress(f"{name} on {node.label}", 0)
-                    wd = workdir / f"{step}-{i}-{len(made)}-{id(node)}"
-                    wd.mkdir(parents=True)
-                    try:
-                        child = get_pass(name)().run(node, config,
-                                                     PassContext(workdir=wd, **ctx_args))
-                    except PassSkipped as skip:
-                        skipped.append(f"{name} skipped on {node.label}: {skip}")
-                        if node not in nxt:
-                            nxt.append(node)
-                        continue
-                    nxt.append(child)
-                    made.append(child)
-                    yield child
-            if not branching:
-                frontier = nxt
-            # a branching pass skips the nodes it cannot read: say so only if it made nothing
-            for text in (skipped if not branching or len(made) == made_before else []):
-                self._note(text)
+        context = {"settings": self.settings, "sample": dataset.take(min(2, dataset.n)),
+                   "calibration": calibration, "training": self.training,
+                   "hardware": self.hardware}
+        tree = CandidateTree(names=names, plans=plans, configs=configs, context=context,
+                             workdir=workdir, rows=dataset.take(min(16, dataset.n)),
+                             verdicts=self.verdicts, out_of_time=self._out_of_time,
+                             note=self._note, progress=self.progress)
+        yield from tree.walk(original)
 
     def _note(self, text: str) -> None:
         if text not in self.notes:
@@ -165,7 +162,8 @@ class Optimizer:
         """Everything that can be wrong with the request, checked before any work: pass names
         and options (the plans are kept for the run), the model, the data and its fit."""
         configs = self.request.configs()
-        self.plans = {n: expand(get_pass(n), configs.get(n)) for n in self.request.optimizations}
+        self.plans = {n: expand(get_pass(n), configs.get(n))
+                      for n in search.chain(self.request.optimizations)}
         version = self.registry.resolve(self.request.model_id)
         dataset = load_dataset(self.request, version, self.settings)
         self.training = self._training(version)
@@ -174,7 +172,7 @@ class Optimizer:
     def planned(self) -> int:
         """About how many candidates the run will measure (for progress), once prepared."""
         frontier, made = 1, 1
-        for name in self.request.optimizations:
+        for name in self.plans:
             n = len(self.plans.get(name, [None]))
             if get_pass(name).branches:
                 made += n * made
@@ -223,6 +221,7 @@ class Optimizer:
                 cand.gate = metrics.gate(cand.evaluation, original.evaluation, self.threshold)
                 self._explain_parity(cand, original)
                 measured.append(cand)
+                self.verdicts[id(artifact)] = cand
                 self.on_candidate(cand)
                 self.progress(f"measured {artifact.label}", 1)
             if not measured and self.timed_out:
@@ -238,18 +237,28 @@ class Optimizer:
             passing = [c for c in measured if c.gate.passed]
             bs = self.request.batch_sizes[0]
             self._remeasure_finalists(passing, original, dataset)
+            fastest: dict[int, Candidate] = {}
             if passing:
                 chosen = min(passing, key=lambda c: _speed_score(c, passing))
                 # the time ran out: the best so far is kept, but the search was cut short
                 status = "timeout" if self.timed_out else "completed"
+                fastest = {size: min(passing, key=lambda c: c.latency[size].p50_ms)
+                           for size in self.request.batch_sizes}
+                self._note(_why(chosen, measured, original, fastest))
             else:
                 chosen = max(measured, key=lambda c: c.evaluation.value - c.gate.required)
                 status = "rejected"
             chosen.version = self._register(version, chosen, status, original)
-        return build_report(run_id=run_id, status=status, source=version, original=original,
-                            candidates=measured, chosen=chosen, threshold=self.threshold,
-                            batch_size=bs, notes=self.notes, dataset=dataset.description,
-                            threads=self.settings.threads)
+            for size, cand in fastest.items():  # each batch size keeps its own winner
+                if cand.version is None:
+                    cand.version = self._register(version, cand, status, original)
+        result = build_report(run_id=run_id, status=status, source=version, original=original,
+                              candidates=measured, chosen=chosen, threshold=self.threshold,
+                              batch_size=bs, notes=self.notes, dataset=dataset.description,
+                              threads=self.settings.threads, fastest=fastest,
+                              hardware=self.hardware.as_dict())
+        result.pareto_png = pareto.save(result, self.settings.home / "reports", self._note)
+        return result
 
     def _remeasure_finalists(self, passing: list[Candidate], original: Candidate,
                              dataset: Dataset) -> None:
@@ -267,20 +276,30 @@ class Optimizer:
             cand.latency = {bs: min(cand.latency[bs], again[bs], key=lambda r: r.p50_ms)
                             for bs in cand.latency}
 
-    def _calibration(self, version: VersionInfo, dataset: Dataset) -> Dataset:
+    def _calibration(self, version: VersionInfo, dataset: Dataset) -> Dataset | None:
         spec = self.request.calibration_dataset
         if spec is None:
             return dataset  # passes that calibrate say so in their notes
-        return load(spec, version.signature, self.settings,
-                    feature_names=version.meta.get("feature_names"), role="calibration")
+        return self._extra_rows(spec, version, "calibration")
 
     def _training(self, version: VersionInfo) -> Dataset | None:
         spec = self.request.training_dataset
-        if spec is None:
+        return None if spec is None else self._extra_rows(spec, version, "training")
+
+    def _extra_rows(self, spec, version: VersionInfo, role: str) -> Dataset | None:
+        """Calibration or training rows. Unusable ones cost only the passes that need them:
+        the run goes on with the others, and the report says why they were skipped."""
+        try:
+            rows = load(spec, version.signature, self.settings,
+                        feature_names=version.meta.get("feature_names"), role=role,
+                        default_label=version.meta.get("label_column"))
+        except DatasetError as exc:
+            self._note(f"the {role} data cannot be used: {exc}; passes that need it are skipped")
             return None
-        return load(spec, version.signature, self.settings,
-                    feature_names=version.meta.get("feature_names"), role="training",
-                    default_label=version.meta.get("label_column"))
+        if rows.n == 0:
+            self._note(f"the {role} data has no rows; passes that need it are skipped")
+            return None
+        return rows
 
     def _explain_parity(self, cand: Candidate, original: Candidate) -> None:
         differing = cand.parity.get("labels_differing", 0)
@@ -306,6 +325,35 @@ class Optimizer:
             passes=cand.artifact.passes, metrics=metrics_row,
             meta={k: v for k, v in cand.artifact.meta.items() if k != "opsets"},
             status="rejected" if status == "rejected" else "ready")
+
+
+def _why(chosen: Candidate, measured: list[Candidate], original: Candidate,
+         fastest: dict[int, Candidate]) -> str:
+    """Why the chosen candidate won, in numbers; and what the faster-looking kinds measured."""
+    sizes = list(chosen.latency)
+    text = (f"chosen: {chosen.artifact.label} ({chosen.runtime}), p50 "
+            + ", ".join(f"{chosen.latency[b].p50_ms:.3f} ms at batch {b}" for b in sizes)
+            + f"; the original: " + ", ".join(f"{original.latency[b].p50_ms:.3f} ms"
+                                              for b in sizes))
+    lossy = [c for c in measured if c is not chosen and _is_int8(c) and c.gate.passed]
+    if not _is_int8(chosen) and lossy:
+        best = min(lossy, key=lambda c: _speed_score(c, [chosen, c]))
+        text += (f". INT8 does not pay off here: the fastest passing INT8 candidate, "
+                 f"{best.artifact.label}, took "
+                 + ", ".join(f"{best.latency[b].p50_ms:.3f} ms" for b in sizes)
+                 + " at the same batch sizes")
+    others = {b: c for b, c in fastest.items() if c is not chosen}
+    for b, c in others.items():
+        text += (f". At batch {b} {c.artifact.label} is faster ({c.latency[b].p50_ms:.3f} ms) "
+                 "and is kept as its own version")
+    return text
+
+
+def _is_int8(cand: Candidate) -> bool:
+    names = {p["name"] for p in cand.artifact.passes}
+    configs = [p["config"] for p in cand.artifact.passes if p["name"] == "openvino"]
+    return bool(names & {"quantization", "qat"}) or any(
+        c.get("int8") not in (None, "none") for c in configs)
 
 
 def _speed_score(cand: Candidate, pool: list[Candidate]) -> float:

@@ -11,7 +11,6 @@ from optiserve.passes.base import Artifact
 from optiserve.registry.registry import VersionInfo
 
 
-
 @dataclass
 class Candidate:
     artifact: Artifact
@@ -67,6 +66,10 @@ class OptimizationResult:
     dataset: str
     threads: int
     notes: list[str] = field(default_factory=list)
+    #: the fastest passing candidate at each batch size (registered too when not the chosen)
+    fastest: dict[int, Candidate] = field(default_factory=dict)
+    hardware: dict[str, Any] = field(default_factory=dict)
+    pareto_png: str | None = None
 
     @property
     def version(self) -> VersionInfo | None:
@@ -83,6 +86,13 @@ class OptimizationResult:
                 "candidates": [c.details() for c in self.candidates],
                 "chosen": self.candidates.index(self.chosen),
                 "version": None if self.version is None else self.version.version,
+                "fastest_by_batch_size": {
+                    str(bs): {"candidate": self.candidates.index(c), "label": c.artifact.label,
+                              "p50_ms": c.latency[bs].p50_ms,
+                              "version": c.version.version if c.version else None}
+                    for bs, c in self.fastest.items()},
+                "hardware": self.hardware,
+                "pareto_png": self.pareto_png,
                 "notes": self.notes,
             },
         }
@@ -97,7 +107,9 @@ class OptimizationResult:
 
 def build_report(*, run_id: str, status: str, source: VersionInfo, original: Candidate,
                  candidates: list[Candidate], chosen: Candidate, threshold: float,
-                 batch_size: int, notes: list[str], dataset: str, threads: int) -> OptimizationResult:
+                 batch_size: int, notes: list[str], dataset: str, threads: int,
+                 fastest: dict[int, Candidate] | None = None,
+                 hardware: dict[str, Any] | None = None) -> OptimizationResult:
     before, after = original.summary(batch_size), chosen.summary(batch_size)
     change = after["accuracy"] - before["accuracy"]
     response = {
@@ -116,4 +128,5 @@ def build_report(*, run_id: str, status: str, source: VersionInfo, original: Can
     return OptimizationResult(response=response, run_id=run_id, status=status,
                               original=original, candidates=candidates, chosen=chosen,
                               threshold=threshold, batch_size=batch_size, dataset=dataset,
-                              threads=threads, notes=notes)
+                              threads=threads, notes=notes, fastest=fastest or {},
+                              hardware=hardware or {})

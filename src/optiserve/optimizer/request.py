@@ -31,7 +31,8 @@ class OptimizeRequest(BaseModel):
     model_id: str = Field(description="Registered model name (MODEL or MODEL:VERSION).")
     optimizations: list[str] = Field(
         default_factory=lambda: ["onnx_conversion", "quantization"],
-        description="Passes to apply, in order.")
+        description="Passes to apply, in order. \"auto\" stands for every pass that can pay "
+        "off on this machine: the search measures them and keeps the fastest that passes.")
     quantization_config: dict[str, Any] | None = Field(
         None, description="Options of the quantization pass, e.g. {method, precision}.")
     pass_configs: dict[str, dict[str, Any]] = Field(
@@ -39,8 +40,11 @@ class OptimizeRequest(BaseModel):
     validation_dataset: DatasetSpec | None = Field(
         None, description="Validation data; none = compare outputs on synthetic inputs.")
     calibration_dataset: DatasetSpec | None = Field(
-        None, description="Rows for passes that calibrate (OpenVINO INT8); default: the "
-        "validation rows.")
+        None, description="Rows for passes that calibrate (static INT8, OpenVINO INT8); "
+        "default: the validation rows.")
+    training_dataset: DatasetSpec | None = Field(
+        None, description="Labelled rows for passes that train (quantization-aware "
+        "training); without labels they learn to match the original model's outputs.")
     accuracy_threshold: float | None = Field(
         None, gt=0, le=1, description="Keep >= this fraction of the original metric; default "
         "OPTIMIZATION_ACCURACY_THRESHOLD.")

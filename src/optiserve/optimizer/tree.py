@@ -1,0 +1,167 @@
+"""The candidate tree: passes applied level by level, with retries where the gate failed.
+
+A pass applies to every node of the frontier (a skipped node carries on unchanged); a
+branching pass (another runtime's format) applies to every node made so far and its children
+are leaves. Every node is a candidate, FP32 prefixes included.
+
+The walk is a generator: the optimizer measures and gates each yielded artifact before asking
+for the next one, so the walk can react to the verdict (`verdicts[id(artifact)]`):
+
+1. A candidate that failed the gate is retried with the next value of each accuracy knob the
+   user left open (search.fallbacks: e.g. MinMax -> Percentile -> Entropy calibration).
+2. When a family of configs (same settings but those knobs) has no passing member, its best
+   member's layers are ranked by their error against FP32 and the worst are left in FP32, more
+   each round (1, 2, 4, 8), until it passes.
+
+Neither retry is made when the failed candidate is already slower than a passing one at every
+batch size: keeping layers in FP32 only makes it slower, so it could not win.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel
+
+from optiserve.core.errors import MissingExtraError
+from optiserve.optimizer import sensitivity
+from optiserve.optimizer.search import fallbacks, searched_fields
+from optiserve.passes.base import Artifact, Pass, PassContext, PassSkipped, get_pass
+
+log = logging.getLogger(__name__)
+EXCLUDE_ROUNDS = (1, 2, 4, 8)
+
+
+class CandidateTree:
+    def __init__(self, *, names: list[str], plans: dict[str, list[BaseModel]],
+                 configs: dict[str, dict[str, Any]], context: dict[str, Any], workdir: Path,
+                 rows: dict[str, np.ndarray], verdicts: dict[int, Any],
+                 out_of_time: Callable[[], bool], note: Callable[[str], None],
+                 progress: Callable[[str, float], None]):
+        self.names, self.plans, self.configs, self.context = names, plans, configs, context
+        self.workdir, self.rows, self.verdicts = workdir, rows, verdicts
+        self.out_of_time, self.note, self.progress = out_of_time, note, progress
+        self.made = 0
+
+    def walk(self, original: Artifact) -> Iterator[Artifact]:
+        frontier, made = [original], [original]
+        for step, name in enumerate(self.names):
+            cls = get_pass(name)
+            nxt, skipped, made_before = [], [], len(made)
+            for node in (list(made) if cls.branches else frontier):
+                if self.out_of_time():
+                    return
+                if cls.needs_onnx and node.format != "onnx":
+                    skipped.append(f"{name} skipped on {node.label}: it works on ONNX, not "
+                                   f"{node.format}; put onnx_conversion before it")
+                    children = []
+                else:
+                    children = yield from self._apply(cls, node, step, skipped)
+                nxt += children or ([node] if node not in nxt else [])
+                made += children
+            if not cls.branches:
+                frontier = nxt
+            # a branching pass skips the nodes it cannot read: say so only if it made nothing
+            for text in (skipped if not cls.branches or len(made) == made_before else []):
+                self.note(text)
+
+    # -- one pass on one node, with its retries ------------------------------------------
+    def _apply(self, cls: type[Pass], node: Artifact, step: int, skipped: list[str]):
+        children: list[Artifact] = []
+        queue, tried = list(self.plans[cls.name]), set()
+        while queue and not self.out_of_time():
+            config = queue.pop(0)
+            key = config.model_dump_json()
+            if key in tried:
+                continue
+            tried.add(key)
+            child = self._make(cls, node, config, step, skipped)
+            if child is None:
+                continue
+            children.append(child)
+            yield child
+            verdict = self.verdicts.get(id(child))
+            if verdict is not None and not verdict.gate.passed and self._could_win(verdict):
+                queue += fallbacks(cls, self.configs.get(cls.name), config)
+        if "nodes_to_exclude" in cls.Config.model_fields:
+            yield from self._exclude_worst(cls, node, step, children, skipped)
+        return children
+
+    def _exclude_worst(self, cls, node, step, children, skipped):
+        """Per family without a passing member: leave its best member's worst layers in FP32."""
+        families: dict[str, list[Artifact]] = {}
+        for child in children:
+            families.setdefault(self._family(cls, child), []).append(child)
+        for members in families.values():
+            verdicts = [self.verdicts[id(c)] for c in members if id(c) in self.verdicts]
+            if not verdicts or any(v.gate.passed for v in verdicts):
+                continue
+            best = max(verdicts, key=lambda v: v.evaluation.value)
+            if not self._could_win(best):
+                continue
+            try:
+                ranked = sensitivity.rank_layers(node.path, best.artifact.path, self.rows)
+            except Exception as exc:  # ranking is advice; ONNX Runtime raises many types
+                self.note(f"could not rank layers of {best.artifact.label}: {exc}")
+                continue
+            config = self._config_of(cls, best.artifact)
+            already = list(config.nodes_to_exclude)
+            for k in EXCLUDE_ROUNDS:
+                worst = [name for name, _ in ranked if name not in already][:k]
+                if len(worst) < k or self.out_of_time():
+                    break
+                retry = config.model_copy(update={"nodes_to_exclude": already + worst})
+                child = self._make(cls, node, retry, step, skipped)
+                if child is None:
+                    break
+                errors = dict(ranked)
+                child.notes.append(
+                    f"retry after the gate failed: left in FP32 the {k} layer(s) with the "
+                    "largest error against FP32: "
+                    + ", ".join(f"{n} ({errors[n]:.3f})" for n in worst))
+                children.append(child)
+                yield child
+                verdict = self.verdicts.get(id(child))
+                if verdict is None or verdict.gate.passed or not self._could_win(verdict):
+                    break
+
+    def _make(self, cls: type[Pass], node: Artifact, config: BaseModel, step: int,
+              skipped: list[str]) -> Artifact | None:
+        self.progress(f"{cls.name} on {node.label}", 0)
+        self.made += 1
+        wd = self.workdir / f"{step}-{self.made}"
+        wd.mkdir(parents=True)
+        try:
+            return cls().run(node, config, PassContext(workdir=wd, **self.context))
+        except PassSkipped as skip:
+            skipped.append(f"{cls.name} skipped on {node.label}: {skip}")
+        except MissingExtraError as exc:  # the run goes on with the passes that can run
+            skipped.append(f"{cls.name} skipped: {exc}")
+        return None
+
+    # -- helpers -------------------------------------------------------------------------
+    def _could_win(self, failed) -> bool:
+        """False when a passing candidate is already faster at every batch size."""
+        passing = [v for v in self.verdicts.values() if v.gate is not None and v.gate.passed]
+        for other in passing:
+            if all(other.latency[bs].p50_ms <= failed.latency[bs].p50_ms for bs in failed.latency):
+                self.note(f"{failed.artifact.label} failed the gate and was not retried: "
+                          f"{other.artifact.label} already passes and is faster at every "
+                          "batch size, and keeping layers in FP32 only makes it slower")
+                return False
+        return True
+
+    @staticmethod
+    def _config_of(cls: type[Pass], artifact: Artifact) -> BaseModel:
+        return cls.Config(**artifact.passes[-1]["config"])
+
+    @staticmethod
+    def _family(cls: type[Pass], artifact: Artifact) -> str:
+        knobs = {k for k, f in searched_fields(cls).items() if f.retry} | {"nodes_to_exclude"}
+        config = artifact.passes[-1]["config"]
+        return json.dumps({k: v for k, v in config.items() if k not in knobs}, sort_keys=True)
