@@ -87,7 +87,8 @@ class CandidateTree:
             yield child
             verdict = self.verdicts.get(id(child))
             if verdict is not None and not verdict.gate.passed and self._could_win(verdict):
-                queue += fallbacks(cls, self.configs.get(cls.name), config)
+                # depth first: settle this config's lineage before the next one
+                queue[:0] = fallbacks(cls, self.configs.get(cls.name), config)
         if "nodes_to_exclude" in cls.Config.model_fields:
             yield from self._exclude_worst(cls, node, step, children, skipped)
         return children

@@ -1,0 +1,102 @@
+"""The search in a real run: retries after a failed gate, the worst layers left in FP32, the
+fastest passing candidate kept per batch size, the Pareto chart."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import optiserve
+from optiserve.core.errors import GateFailedError
+from optiserve.api import parse_request
+from optiserve.optimizer import pareto
+from optiserve.optimizer.sensitivity import rank_layers
+from optiserve.passes.base import PASSES
+from tests.builders import mlp_onnx, save_onnx
+from tests.optimizer.fakes import PinnedOptimizer
+
+
+@pytest.fixture
+def knob(monkeypatch):
+    monkeypatch.setitem(PASSES, "knob", "tests.optimizer.fake_passes:Knob")
+
+
+@pytest.fixture
+def mlp(sqlite_registry):
+    return optiserve.register("mlp", mlp_onnx(), registry=sqlite_registry)
+
+
+def _run(registry, body: dict, **pins):
+    body = {"model_id": "mlp", "iterations": 3, "warmup": 0, **body}
+    return PinnedOptimizer(registry, parse_request(body), **pins).run()
+
+
+def _k(speed: str, care: int) -> str:
+    return f"knob(speed={speed}, care={care})"
+
+
+def test_a_failed_candidate_is_retried_with_the_next_accuracy_knob(sqlite_registry, mlp, knob):
+    result = _run(sqlite_registry, {"optimizations": ["knob"]},
+                  metric={_k("fast", 1): 0.5, _k("fast", 2): 0.6, _k("slow", 1): 0.5},
+                  latencies={_k("fast", 1): {1: 1.0}, _k("fast", 2): {1: 1.0},
+                             _k("fast", 3): {1: 1.0}, _k("slow", 1): {1: 5.0}})
+    labels = [c.artifact.label for c in result.candidates]
+    # fast: 1 fails -> 2 fails -> 3 passes. slow/1 fails but is slower than fast/3 at every
+    # batch size, so it is not retried: keeping precision could only make it slower still.
+    assert labels == [_k("fast", 1), _k("fast", 2), _k("fast", 3), _k("slow", 1)]
+    assert result.chosen.artifact.label == _k("fast", 3)
+    assert any("was not retried" in n and _k("slow", 1) in n for n in result.notes)
+
+
+def test_no_retry_when_the_user_fixed_the_knob(sqlite_registry, mlp, knob):
+    with pytest.raises(GateFailedError) as info:
+        _run(sqlite_registry, {"optimizations": ["knob"], "accuracy_threshold": 0.99,
+                               "pass_configs": {"knob": {"speed": "fast", "care": 1}}},
+             metric={_k("fast", 1): 0.5})
+    assert [c.artifact.label for c in info.value.report.candidates] == [_k("fast", 1)]
+
+
+def test_fastest_per_batch_size_is_kept_as_its_own_version(sqlite_registry, mlp, knob):
+    result = _run(sqlite_registry, {"optimizations": ["knob"], "batch_sizes": [1, 64]},
+                  latencies={_k("fast", 1): {1: 1.0, 64: 9.0},
+                             _k("slow", 1): {1: 1.2, 64: 4.0}})
+    # geometric mean of p50 / best: fast = sqrt(1 * 2.25) = 1.5, slow = sqrt(1.2 * 1) = 1.1
+    assert result.chosen.artifact.label == _k("slow", 1)
+    fastest = result.details()["details"]["fastest_by_batch_size"]
+    assert fastest["1"]["label"] == _k("fast", 1) and fastest["64"]["label"] == _k("slow", 1)
+    v_fast, v_slow = fastest["1"]["version"], fastest["64"]["version"]
+    assert v_fast != v_slow and {v_fast, v_slow} == {2, 3}
+    assert sqlite_registry.get("mlp", v_fast).passes[-1]["set"] == {"speed": "fast", "care": 1}
+    assert any("At batch 1" in n and "kept as its own version" in n for n in result.notes)
+    assert result.pareto_png and result.details()["details"]["pareto_png"] == result.pareto_png
+    png = open(result.pareto_png, "rb").read(8)
+    assert png.startswith(b"\x89PNG")
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    points = [(1.0, 0.90), (2.0, 0.95), (1.5, 0.80), (3.0, 0.95), (0.5, 0.70)]
+    assert pareto.front(points) == [4, 0, 1]
+
+
+def test_layers_are_ranked_by_their_own_error(tmp_path):
+    """One layer's weights carry a huge outlier: per-tensor INT8 crushes the rest of that
+    layer, so it must rank first, and the layers after it must not inherit the blame."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    model = mlp_onnx((64, 128, 128, 10))
+    for i, node in enumerate(model.graph.node):
+        node.name = f"{node.op_type}_{i}"  # exclusion works by node name
+    names = [n.name for n in model.graph.node if n.op_type == "MatMul"]
+    w = next(i for i in model.graph.initializer if i.name == "W1")
+    arr = numpy_helper.to_array(w).copy()
+    arr[0, 0] = 500.0
+    w.CopyFrom(numpy_helper.from_array(arr, "W1"))
+    fp32 = save_onnx(model, tmp_path / "fp32.onnx")
+    int8 = tmp_path / "int8.onnx"
+    quantize_dynamic(str(fp32), str(int8), per_channel=False)
+    rows = {"x": np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)}
+    ranked = rank_layers(fp32, int8, rows)
+    assert [n for n, _ in ranked][0] == names[1]
+    assert ranked[0][1] > 2 * ranked[1][1]
