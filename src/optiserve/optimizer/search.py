@@ -19,7 +19,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from optiserve.passes.base import Pass
+from optiserve.core.errors import UnknownNameError
+from optiserve.passes.base import PASSES, Pass
 
 
 @dataclass(frozen=True)
@@ -85,9 +86,12 @@ AUTO = ("onnx_conversion", "graph_optimization", "quantization", "qat", "openvin
 
 
 def chain(names: list[str]) -> list[str]:
-    """The requested pass names with "auto" spelled out (passes already named are kept once)."""
+    """The requested pass names with "auto" spelled out (passes already named are kept once);
+    an unknown name is an error listing the known ones."""
     out: list[str] = []
     for name in names:
+        if name != "auto" and name not in PASSES:
+            raise UnknownNameError("optimization", name, ["auto", *PASSES])
         for n in (AUTO if name == "auto" else (name,)):
             if n not in out:
                 out.append(n)
