@@ -1,4 +1,6 @@
-"""Dynamic INT8 quantization: the graph holds integer ops and the outputs stay close."""
+"""Dynamic INT8 quantization: the graph holds integer ops and the outputs stay close.
+
+Static INT8 (calibrated) has its own file, test_static_quantization.py."""
 
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ def _scales(path) -> dict[str, tuple[int, ...]]:
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_dynamic_int8_graph_and_outputs(tmp_path, settings, mlp_path, per_channel):
     out = run_pass("quantization", onnx_artifact(mlp_path), settings, tmp_path / "wd",
-                   {"per_channel": per_channel})
+                   {"method": "dynamic", "per_channel": per_channel})
     onnx.checker.check_model(str(out.path))
     ops = op_counts(out.path)
     assert ops["MatMulInteger"] == 3 and ops["DynamicQuantizeLinear"] == 3
@@ -38,8 +40,8 @@ def test_dynamic_int8_graph_and_outputs(tmp_path, settings, mlp_path, per_channe
                if i.name.endswith("_quantized")}
     assert weights and set(weights.values()) == {onnx.TensorProto.INT8}
     assert out.path.stat().st_size < 0.4 * mlp_path.stat().st_size  # int8 weights: ~4x smaller
-    assert out.passes[-1]["set"] == {"per_channel": per_channel}
-    assert ("per-channel" if per_channel else "per-tensor") in out.notes[-1]
+    assert out.passes[-1]["set"] == {"method": "dynamic", "per_channel": per_channel}
+    assert ("per-channel" if per_channel else "per-tensor") in out.notes[0]
 
     x = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
     ref = run_onnx(mlp_path, {"x": x})[0]
@@ -50,9 +52,12 @@ def test_dynamic_int8_graph_and_outputs(tmp_path, settings, mlp_path, per_channe
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.9
 
 
-def test_per_channel_must_be_set_when_run_directly(tmp_path, settings, mlp_path):
-    with pytest.raises(ConfigError, match="per_channel must be set"):
+def test_method_and_per_channel_must_be_set_when_run_directly(tmp_path, settings, mlp_path):
+    with pytest.raises(ConfigError, match="method, per_channel must be set"):
         run_pass("quantization", onnx_artifact(mlp_path), settings, tmp_path / "wd")
+    with pytest.raises(ConfigError, match="^per_channel must be set"):
+        run_pass("quantization", onnx_artifact(mlp_path), settings, tmp_path / "wd",
+                 {"method": "dynamic"})
 
 
 def test_excluded_node_stays_float(tmp_path, settings, mlp_path):
@@ -61,16 +66,30 @@ def test_excluded_node_stays_float(tmp_path, settings, mlp_path):
     model.graph.node[0].name = "first_matmul"
     onnx.save(model, str(mlp_path))
     out = run_pass("quantization", onnx_artifact(mlp_path), settings, tmp_path / "wd",
-                   {"per_channel": False, "nodes_to_exclude": ["first_matmul"]})
+                   {"method": "dynamic", "per_channel": False,
+                    "nodes_to_exclude": ["first_matmul"]})
     ops = op_counts(out.path)
     assert ops["MatMul"] == 1 and ops["MatMulInteger"] == 2
+    assert "left in FP32: MatMul x1 (excluded by you)" in out.notes
+
+
+def test_excluded_op_type_stays_float(tmp_path, settings, mlp_path):
+    out = run_pass("quantization", onnx_artifact(mlp_path), settings, tmp_path / "wd",
+                   {"method": "dynamic", "per_channel": False, "op_types_to_exclude": ["MatMul"],
+                    "op_types": ["MatMul", "Gather"]})
+    assert op_counts(out.path)["MatMul"] == 3 and "MatMulInteger" not in op_counts(out.path)
+    assert "left in FP32: MatMul x3 (excluded by you)" in out.notes
+    with pytest.raises(ConfigError, match="leaves no operator type to quantize"):
+        run_pass("quantization", onnx_artifact(mlp_path), settings, tmp_path / "wd",
+                 {"method": "dynamic", "per_channel": False, "op_types": ["MatMul"],
+                  "op_types_to_exclude": ["MatMul"]})
 
 
 def test_graph_without_matmul_is_skipped(tmp_path, settings):
     src = save_onnx(relu_onnx(), tmp_path / "relu.onnx")
     with pytest.raises(PassSkipped, match="no operator INT8 can speed up"):
         run_pass("quantization", onnx_artifact(src), settings, tmp_path / "wd",
-                 {"per_channel": False})
+                 {"method": "dynamic", "per_channel": False})
 
 
 @pytest.mark.integration
@@ -84,4 +103,4 @@ def test_tree_ensemble_is_skipped(tmp_path, settings, forest):
     save_onnx(proto, path)
     with pytest.raises(PassSkipped, match="TreeEnsembleClassifier"):
         run_pass("quantization", onnx_artifact(path), settings, tmp_path / "wd",
-                 {"per_channel": True})
+                 {"method": "dynamic", "per_channel": True})
