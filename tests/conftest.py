@@ -27,6 +27,20 @@ _REGISTRY_TABLES = ("optimization_runs", "deployments", "model_versions", "artif
                     "api_keys")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` run only where an NVIDIA GPU is found; elsewhere they are skipped."""
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_tests:
+        return
+    from optiserve.core.hardware import detect
+
+    if detect().cuda:
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (nvidia-smi lists none here)")
+    for item in gpu_tests:
+        item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def optiserve_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh OPTISERVE_HOME, a clean environment and a private temp dir for every test."""

@@ -26,6 +26,8 @@ PASSES: dict[str, str] = {
     "graph_optimization": "optiserve.passes.graph_optimization:GraphOptimization",
     "quantization": "optiserve.passes.quantization:Quantization",
     "openvino": "optiserve.passes.openvino:OpenVINO",
+    "fp16": "optiserve.passes.fp16:FP16",
+    "tensorrt": "optiserve.passes.tensorrt:TensorRT",
 }
 
 
