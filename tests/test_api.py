@@ -92,9 +92,9 @@ def test_parse_request_passes_models_through_and_explains_errors():
 
 def test_optimize_with_request_object(sqlite_registry, mlp):
     req = OptimizeRequest(model_id="mlp", optimizations=["quantization"],
-                          quantization_config={"per_channel": True}, accuracy_threshold=0.9,
+                          quantization_config={"method": "dynamic", "per_channel": True}, accuracy_threshold=0.9,
                           iterations=5, warmup=0)
     result = optiserve.optimize(registry=sqlite_registry, request=req)
     assert result.status == "completed"
-    assert [c.artifact.label for c in result.candidates] == ["quantization(per_channel=True)"]
+    assert [c.artifact.label for c in result.candidates] == ["quantization(method=dynamic, per_channel=True)"]
     assert np.isclose(result.threshold, 0.9)

@@ -42,7 +42,7 @@ BAD_REQUESTS = [
     pytest.param(UnknownNameError, {"optimizations": ["prune"]}, id="unknown-pass"),
     pytest.param(ConfigError, {"quantization_config": {"bits": 4}}, id="unknown-option"),
     pytest.param(ConfigError, {"optimizations": ["quantization"],
-                               "pass_configs": {"quantization": {"method": "static"}}},
+                               "pass_configs": {"quantization": {"method": "fp4"}}},
                  id="bad-option-value"),
     pytest.param(ConfigError, {"accuracy_threshold": 1.5}, id="threshold-1.5"),
     pytest.param(ConfigError, {"accuracy_threshold": 0}, id="threshold-0"),

@@ -11,8 +11,8 @@ from optiserve.core.errors import GateFailedError
 from tests.builders import mlp_onnx
 from tests.optimizer.fakes import PinnedOptimizer
 
-PT = "quantization(per_channel=False)"
-PC = "quantization(per_channel=True)"
+PT = "quantization(method=dynamic, per_channel=False)"
+PC = "quantization(method=dynamic, per_channel=True)"
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def test_threshold_one_rejects_quantization(registry, mlp):
 
 def _run(registry, request: dict, **pins):
     body = {"model_id": "mlp", "optimizations": ["quantization"], "iterations": 3, "warmup": 0,
-            **request}
+            "quantization_config": {"method": "dynamic"}, **request}
     return PinnedOptimizer(registry, parse_request(body), **pins).run()
 
 
@@ -56,7 +56,7 @@ def test_fastest_passing_candidate_is_chosen(sqlite_registry):
     result = _run(sqlite_registry, {"accuracy_threshold": 0.9},
                   latencies={PT: {1: 1.0}, PC: {1: 2.0}})
     assert result.chosen.artifact.label == PT
-    assert sqlite_registry.get("mlp").passes[0]["set"] == {"per_channel": False}
+    assert sqlite_registry.get("mlp").passes[0]["set"] == {"method": "dynamic", "per_channel": False}
 
 
 def test_faster_candidate_that_fails_the_gate_is_not_chosen(sqlite_registry):

@@ -27,9 +27,13 @@ def test_digits_mlp_onnx_and_quantization(sqlite_registry, digits_net, digits, t
     assert result.status == "completed"
     assert [c["label"] for c in cands] == [
         "onnx_conversion",
-        "onnx_conversion > quantization(per_channel=False)",
-        "onnx_conversion > quantization(per_channel=True)",
-    ]
+        "onnx_conversion > quantization(method=dynamic, per_channel=False)",
+        "onnx_conversion > quantization(method=dynamic, per_channel=True)",
+        "onnx_conversion > quantization(method=static, per_channel=False, "
+        "calibrate_method=minmax)",
+        "onnx_conversion > quantization(method=static, per_channel=True, "
+        "calibrate_method=minmax)",
+    ]  # static INT8 calibrated on the validation rows, and MinMax was enough: no retry
     assert all(c["gate"] is not None and c["metric"] == "accuracy" for c in cands)
     assert all(c["n"] == len(digits.y_val) for c in cands)
 

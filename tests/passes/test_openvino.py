@@ -66,7 +66,7 @@ def test_static_int8_stays_close_and_says_how_it_was_calibrated(mlp, tmp_path, s
 def test_ort_specific_graphs_are_skipped_with_the_reason(mlp, tmp_path, settings):
     art, x = mlp
     quantized = get_pass("quantization")().run(
-        art, get_pass("quantization").parse_config({"per_channel": True}),
+        art, get_pass("quantization").parse_config({"method": "dynamic", "per_channel": True}),
         PassContext(workdir=tmp_path, settings=settings, sample={"x": x[:2]}))
     with pytest.raises(PassSkipped, match="MatMulInteger"):
         _run(quantized, {"int8": "none"}, tmp_path, settings, x)
@@ -79,9 +79,11 @@ def test_openvino_branches_beside_onnx_runtime_candidates(sqlite_registry):
     optiserve.register("mlp", mlp_onnx(), registry=sqlite_registry)
     result = optiserve.optimize("mlp", registry=sqlite_registry,
                                 optimizations=["quantization", "openvino"],
+                                quantization_config={"method": "dynamic"},
                                 accuracy_threshold=0.9, iterations=10, warmup=1)
     labels = [c.artifact.label for c in result.candidates]
-    assert labels == ["quantization(per_channel=False)", "quantization(per_channel=True)",
+    assert labels == ["quantization(method=dynamic, per_channel=False)",
+                      "quantization(method=dynamic, per_channel=True)",
                       "openvino(int8=none)", "openvino(int8=static)"]
     runtimes = {c.artifact.label: c.runtime for c in result.candidates}
     assert runtimes["openvino(int8=none)"] == "openvino"

@@ -66,7 +66,11 @@ class CandidateTree:
                 made += children
             if not cls.branches:
                 frontier = nxt
-            # a branching pass skips the nodes it cannot read: say so only if it made nothing
+            # a branching pass skips the nodes it cannot read: say so only if it made nothing,
+            # and once per reason (not once per node)
+            if cls.branches and len(made) == made_before:
+                skipped = [f"{name} skipped: {why}" for why in
+                           dict.fromkeys(t.split(": ", 1)[-1] for t in skipped)]
             for text in (skipped if not cls.branches or len(made) == made_before else []):
                 self.note(text)
 
