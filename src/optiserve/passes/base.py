@@ -26,6 +26,7 @@ PASSES: dict[str, str] = {
     "graph_optimization": "optiserve.passes.graph_optimization:GraphOptimization",
     "quantization": "optiserve.passes.quantization:Quantization",
     "openvino": "optiserve.passes.openvino:OpenVINO",
+    "qat": "optiserve.passes.qat:QAT",
     "fp16": "optiserve.passes.fp16:FP16",
     "tensorrt": "optiserve.passes.tensorrt:TensorRT",
 }

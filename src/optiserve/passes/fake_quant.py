@@ -1,0 +1,328 @@
+"""Fake quantization on an FX graph of a PyTorch model, and its export as an ONNX QDQ model.
+
+The model becomes an FX graph (a torch.export program's module; TorchScript goes through
+torch._export.converter first). BatchNorm is folded into the convolution before it, then every
+Conv/Linear gets fake quantization the way ONNX Runtime runs INT8: weights per-channel symmetric
+int8, activations per-tensor asymmetric uint8 from moving-average min/max observers, observed
+after a following ReLU (ONNX Runtime drops it into the quantization) and shared across
+MaxPool/Flatten/Reshape so no requantization sits between layers. The TorchScript ONNX exporter
+writes each fake-quant as QuantizeLinear -> DequantizeLinear; the weights are then stored as
+int8, the form ONNX Runtime fuses into QLinearConv / QGemm / MatMulIntegerToFloat kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from optiserve.convert.onnx_io import write_meta
+from optiserve.core.errors import first_line
+from optiserve.core.types import Signature
+from optiserve.passes.base import PassSkipped
+
+_CONV = ("conv1d", "conv2d", "conv3d", "convolution")
+# Ops that move values without changing them: their output keeps their input's scale.
+_SAME_SCALE = {"max_pool1d", "max_pool2d", "max_pool3d", "flatten", "view", "reshape",
+               "_unsafe_view", "dropout", "clone", "contiguous", "permute", "transpose",
+               "squeeze", "unsqueeze", "alias"}
+
+
+def _op(node: Any) -> str:
+    """'conv2d' for a call of torch.ops.aten.conv2d.default; '' for anything else."""
+    if getattr(node, "op", None) != "call_function" or not str(node.target).startswith("aten."):
+        return ""
+    return getattr(node.target, "__name__", "").split(".")[0]
+
+
+def graph_module(torch: Any, path: Path, fmt: str, args: tuple) -> Any:
+    """An FX GraphModule of a stored torch model (format "pt2" or "torchscript", traced on
+    `args`), BatchNorm folded and Conv/Linear weights trainable parameters."""
+    try:
+        if fmt == "pt2":
+            gm = torch.export.load(str(path)).module()
+        else:
+            from torch._export.converter import TS2EPConverter
+
+            script = torch.jit.load(str(path), map_location="cpu").eval()
+            with _quiet("torch._export"):  # advice about unused buffers and specialized dims
+                gm = TS2EPConverter(script, args).convert().module()
+    except Exception as exc:  # the converters raise many types; any means "cannot follow it"
+        raise PassSkipped(f"the {fmt} model could not be turned into an FX graph "
+                          f"to fake-quantize ({first_line(exc, 200)})") from None
+    for node in list(gm.graph.nodes):  # export's input guards: they only check shapes
+        if node.op == "call_module" and node.target == "_guards_fn":
+            gm.graph.erase_node(node)
+            gm.delete_submodule("_guards_fn")
+    for method in ("train", "eval"):  # .module() forbids them; the ONNX exporter calls eval()
+        gm.__dict__.pop(method, None)
+    for key, hook in list(gm._forward_pre_hooks.items()):  # reads shapes jit.trace cannot
+        if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
+            del gm._forward_pre_hooks[key]
+    _fold_batch_norm(torch, gm)
+    for node in gm.graph.nodes:
+        if _op(node) in (*_CONV, "linear"):
+            for arg in node.args[1:3]:
+                if getattr(arg, "op", None) == "get_attr":
+                    _set_param(torch, gm, arg.target, _get_attr(gm, arg.target))
+    gm.recompile()
+    return gm
+
+
+def _size(tensor: Any, dim: int) -> Any:
+    return tensor.size(dim)
+
+
+def _view(tensor: Any, shape: Any) -> Any:
+    return tensor.view(shape)
+
+
+def _reshape(tensor: Any, shape: Any) -> Any:
+    return tensor.reshape(shape)
+
+
+# A batch size read in the graph reaches ONNX as a Shape op only when jit.trace sees it come
+# from Tensor.size and go to Tensor.view/reshape; through aten ops it is baked in as a number.
+_TRACEABLE = {"aten.sym_size.int": _size, "aten.view.default": _view,
+              "aten.reshape.default": _reshape, "aten._unsafe_view.default": _reshape}
+
+
+@contextlib.contextmanager
+def _quiet(logger: str):
+    """Silence a library's warnings (Python warnings and its logger) for the duration."""
+    chatty = logging.getLogger(logger)
+    level = chatty.level
+    chatty.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        chatty.setLevel(level)
+
+
+def _get_attr(gm: Any, target: str) -> Any:
+    owner, _, attr = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, attr)
+
+
+def _set_param(torch: Any, gm: Any, target: str, value: Any) -> None:
+    owner, _, attr = target.rpartition(".")
+    module = gm.get_submodule(owner) if owner else gm
+    if hasattr(module, attr):
+        delattr(module, attr)  # TS2EP keeps weights as buffers: make them parameters
+    module.register_parameter(attr, torch.nn.Parameter(value.detach().clone().float()))
+
+
+def _fold_batch_norm(torch: Any, gm: Any) -> None:
+    """conv -> batch_norm(inference statistics) becomes one conv with scaled weights and bias:
+    the form ONNX Runtime quantizes. The statistics stay those of the original model."""
+    graph = gm.graph
+    for bn in list(graph.nodes):
+        op, conv = _op(bn), bn.args[0] if bn.args else None
+        if op not in ("batch_norm", "_native_batch_norm_legit_no_training") or \
+                _op(conv) not in _CONV or len(conv.users) != 1 or \
+                (_op(conv) == "convolution" and conv.args[6]) or \
+                (op == "batch_norm" and bn.args[5]) or \
+                (op != "batch_norm" and any(u.args[1] != 0 for u in bn.users)) or \
+                any(getattr(a, "op", None) != "get_attr" for a in (conv.args[1], *bn.args[1:5])):
+            continue  # training-mode or affine-free BatchNorm, or a shared conv: left as is
+        eps = bn.args[7] if op == "batch_norm" else bn.args[6]
+        gamma, beta, mean, var = (_get_attr(gm, a.target).detach().float() for a in bn.args[1:5])
+        w = _get_attr(gm, conv.args[1].target).detach()
+        bias = conv.args[2] if len(conv.args) > 2 else None
+        b = _get_attr(gm, bias.target).detach() if bias is not None else torch.zeros_like(mean)
+        factor = gamma / torch.sqrt(var + eps)
+        _set_param(torch, gm, f"{conv.name}_folded_weight",
+                   w * factor.reshape(-1, *[1] * (w.dim() - 1)))
+        _set_param(torch, gm, f"{conv.name}_folded_bias", (b - mean) * factor + beta)
+        with graph.inserting_before(conv):
+            new_w = graph.get_attr(f"{conv.name}_folded_weight")
+            new_b = graph.get_attr(f"{conv.name}_folded_bias")
+        conv.args = (conv.args[0], new_w, new_b, *conv.args[3:])
+        for user in ([bn] if op == "batch_norm" else list(bn.users)):  # else: getitem 0 of 3
+            user.replace_all_uses_with(conv)
+            if user is not bn:
+                graph.erase_node(user)
+        graph.erase_node(bn)
+    graph.eliminate_dead_code()
+
+
+def insert_fake_quant(torch: Any, gm: Any, *, quantize_output: bool) -> list[str]:
+    """Fake-quantize every Conv/Linear's weight, input and output (the model's output only when
+    `quantize_output`); return the layers' names. Modules are named qat_weight_i, qat_input_i
+    and qat_output_i."""
+    from torch.ao.quantization import (FakeQuantize, MovingAverageMinMaxObserver,
+                                       MovingAveragePerChannelMinMaxObserver)
+
+    graph, layers, fq_of = gm.graph, [], {}
+
+    def call(name: str, arg: Any, module: Any = None) -> Any:
+        if module is not None:
+            gm.add_submodule(name, module)
+        return graph.call_module(name, (arg,))
+
+    def activation() -> Any:
+        return FakeQuantize(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
+                            dtype=torch.quint8, qscheme=torch.per_tensor_affine)
+
+    for node in list(graph.nodes):
+        op = _op(node)
+        if op not in (*_CONV, "linear") or (op == "convolution" and node.args[6]):
+            continue  # transposed convolutions stay in float
+        if _reads_input(node.args[1]):
+            raise PassSkipped(f"layer '{node.name}' ({op}) computes its weight from the model's "
+                              "input; fake quantization needs a stored weight")
+        i, source = len(layers), _same_scale_source(node.args[0])
+        with graph.inserting_before(node):
+            node.update_arg(1, call(f"qat_weight_{i}", node.args[1], FakeQuantize(
+                observer=MovingAveragePerChannelMinMaxObserver, quant_min=-128, quant_max=127,
+                dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0)))
+            if source not in fq_of:
+                node.update_arg(0, call(f"qat_input_{i}", node.args[0], activation()))
+            elif source is not node.args[0]:  # same scale as the quantized tensor it moves
+                node.update_arg(0, call(fq_of[source], node.args[0]))
+        point = node  # ONNX Runtime folds a ReLU into the quantization after it
+        if len(node.users) == 1 and _op(next(iter(node.users))) in ("relu", "relu_"):
+            point = next(iter(node.users))
+        if quantize_output or not _only_to_output(point):
+            with graph.inserting_after(point):
+                fq = call(f"qat_output_{i}", point, activation())
+            point.replace_all_uses_with(fq, delete_user_cb=lambda user: user is not fq)
+            fq_of[fq] = f"qat_output_{i}"
+        layers.append(node.name)
+    if not layers:
+        ops = sorted({_op(n) for n in graph.nodes} - {""})
+        raise PassSkipped("no Conv or Linear layer to fake-quantize; the graph has "
+                          + (", ".join(ops[:8]) or "no aten operators"))
+    graph.lint()
+    gm.recompile()
+    return layers
+
+
+def _reads_input(node: Any) -> bool:
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if getattr(n, "op", None) == "placeholder":
+            return True
+        if hasattr(n, "all_input_nodes") and n not in seen:
+            seen.add(n)
+            todo += n.all_input_nodes
+    return False
+
+
+def _same_scale_source(node: Any) -> Any:
+    while _op(node) in _SAME_SCALE and node.args:
+        node = node.args[0]
+    return node
+
+
+def _only_to_output(node: Any) -> bool:
+    return all(u.op == "output" or (_op(u) in _SAME_SCALE and _only_to_output(u))
+               for u in node.users)
+
+
+def export_qdq(torch: Any, gm: Any, args: tuple, signature: Signature, out: Path, opset: int,
+               *, meta: dict[str, Any]) -> None:
+    """Write the fake-quantized graph as ONNX QDQ with int8 weights (dynamic axes where the
+    signature has -1), carrying the facts in `meta` that later passes read."""
+    for module in gm.modules():  # observers would export as ops ONNX lacks (aten::copy)
+        if hasattr(module, "disable_observer"):
+            module.disable_observer()
+    for node in gm.graph.nodes:  # jit.trace follows sizes through Tensor methods, not aten ops
+        if node.op == "call_function" and str(node.target) in _TRACEABLE:
+            node.target = _TRACEABLE[str(node.target)]
+    gm.recompile()
+    axes = {s.name: {i: f"{s.name}_d{i}" for i, d in enumerate(s.shape) if d == -1}
+            for s in (*signature.inputs, *signature.outputs)}
+    try:
+        with torch.no_grad(), _quiet("torch.onnx"):
+            torch.onnx.export(gm, args, str(out), dynamo=False, opset_version=opset,
+                              input_names=[s.name for s in signature.inputs],
+                              output_names=[s.name for s in signature.outputs],
+                              dynamic_axes=axes)
+    except Exception as exc:  # the exporter raises many types
+        raise PassSkipped(f"the fake-quantized model did not export to ONNX "
+                          f"({first_line(exc, 200)})") from None
+    model = onnx.load(str(out))
+    _store_int8_weights(model.graph)
+    _transpose_int8_weights(model.graph)
+    write_meta(model, {k: v for k, v in meta.items()
+                       if k in ("num_heads", "hidden_size", "model_type")})
+    onnx.save(model, str(out))
+
+
+def _store_int8_weights(graph: onnx.GraphProto) -> None:
+    """QuantizeLinear of a constant weight becomes the int8 initializer it computes: the file
+    holds int8 weights (4x smaller) and DequantizeLinear -> Conv, the pattern ORT fuses."""
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+                   if n.op_type == "Constant" and n.attribute[0].name == "value"})
+    alias = {n.output[0]: n.input[0] for n in graph.node
+             if n.op_type == "Identity" and n.input[0] in consts}
+    kept, renamed = [], {}
+    for node in graph.node:
+        node.input[:] = [alias.get(i, i) for i in node.input]
+        if node.op_type == "Identity" and node.output[0] in alias:
+            continue
+        if node.op_type != "QuantizeLinear" or not all(i in consts for i in node.input):
+            kept.append(node)
+            continue
+        w, scale, zp = (consts[i] for i in node.input)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        shape = [1] * w.ndim
+        if scale.size > 1:
+            shape[axis] = -1
+        info = np.iinfo(zp.dtype)  # QuantizeLinear rounds half to even, as np.rint does
+        q = np.clip(np.rint(w / scale.reshape(shape)) + zp.astype(np.int32).reshape(shape),
+                    info.min, info.max).astype(zp.dtype)
+        renamed[node.output[0]] = node.input[0] + "_quantized"
+        graph.initializer.append(numpy_helper.from_array(q, renamed[node.output[0]]))
+    for node in kept:
+        node.input[:] = [renamed.get(i, i) for i in node.input]
+    used = {i for n in kept for i in n.input} | {o.name for o in graph.output}
+    del graph.node[:]
+    graph.node.extend(n for n in kept if n.op_type != "Constant" or n.output[0] in used)
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+
+
+def _transpose_int8_weights(graph: onnx.GraphProto) -> None:
+    """DequantizeLinear(int8 W) -> Transpose, how a Linear on 3-D inputs exports, becomes
+    DequantizeLinear(int8 W transposed) on the moved axis, feeding MatMul directly."""
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    readers = Counter(i for n in graph.node for i in n.input)
+    dropped = []
+    for node in graph.node:
+        dq = producer.get(node.input[0]) if node.op_type == "Transpose" else None
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits \
+                or readers[dq.output[0]] != 1 or readers[dq.input[0]] != 1:
+            continue
+        w = numpy_helper.to_array(inits[dq.input[0]])
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"),
+                    list(range(w.ndim))[::-1])
+        inits[dq.input[0]].CopyFrom(
+            numpy_helper.from_array(np.ascontiguousarray(w.transpose(perm)), dq.input[0]))
+        for attr in dq.attribute:
+            if attr.name == "axis":
+                attr.i = perm.index(attr.i % w.ndim)
+        dq.output[0] = node.output[0]
+        dropped.append(node)
+    for node in dropped:
+        graph.node.remove(node)
+
+
+def quantized_layers(model: onnx.ModelProto) -> list[str]:
+    """Types of the Conv/Gemm/MatMul nodes whose weight comes through DequantizeLinear."""
+    dq = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    return [n.op_type for n in model.graph.node
+            if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in dq]
