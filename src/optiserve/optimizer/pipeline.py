@@ -248,10 +248,12 @@ class Optimizer:
             else:
                 chosen = max(measured, key=lambda c: c.evaluation.value - c.gate.required)
                 status = "rejected"
-            chosen.version = self._register(version, chosen, status, original)
-            for size, cand in fastest.items():  # each batch size keeps its own winner
-                if cand.version is None:
+            # each batch size keeps its own winner; the chosen one is registered last, so it is
+            # the model's latest version
+            for cand in fastest.values():
+                if cand is not chosen and cand.version is None:
                     cand.version = self._register(version, cand, status, original)
+            chosen.version = self._register(version, chosen, status, original)
         result = build_report(run_id=run_id, status=status, source=version, original=original,
                               candidates=measured, chosen=chosen, threshold=self.threshold,
                               batch_size=bs, notes=self.notes, dataset=dataset.description,
