@@ -85,3 +85,25 @@ def test_training_data_without_rows_skips_qat_only(sqlite_registry, mlp, tmp_pat
                        training_dataset={"source": "file", "path": str(tmp_path / "train.csv")})
     assert result.status == "completed"
     assert any("training data" in n and "no rows" in n for n in result.notes)
+
+
+def test_preflight_warns_before_int8_on_a_cpu_without_vnni(sqlite_registry, mlp):
+    """The same run as on this machine, on the hardware facts of an AVX2-only x86 CPU."""
+    from optiserve.api import parse_request
+    from optiserve.core.hardware import Hardware
+    from optiserve.optimizer.pipeline import Optimizer
+
+    class OldCPU(Optimizer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.hardware = Hardware(arch="x86_64", cpu="an AVX2 CPU", cores=2, flags=("avx2",))
+
+    request = parse_request({"model_id": "mlp", "optimizations": ["quantization"],
+                             "quantization_config": {"method": "static", "per_channel": True},
+                             "validation_dataset": mlp, "accuracy_threshold": 0.9,
+                             "iterations": 3, "warmup": 0})
+    result = OldCPU(sqlite_registry, request).run()
+    assert result.notes[0].startswith("preflight: this CPU has no VNNI")
+    cand = result.candidates[0]
+    assert "reduce_range on" in " ".join(cand.artifact.notes)  # 7-bit weights picked for it
+    assert "U8S8" in " ".join(cand.artifact.notes)

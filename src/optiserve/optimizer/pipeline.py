@@ -106,6 +106,8 @@ class Optimizer:
                 and "onnx_conversion" not in names:
             names.insert(0, "onnx_conversion")
             self.notes.append("added onnx_conversion first: the other passes work on ONNX")
+        if {"quantization", "qat"} & set(names) and self.hardware.int8_note:
+            self._note(f"preflight: {self.hardware.int8_note}")  # said before the work, not after
         return names
 
     def _auto(self, names: list[str]) -> list[str]:
