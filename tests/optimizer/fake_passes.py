@@ -26,3 +26,21 @@ class Knob(Pass):
         out = ctx.workdir / "copy.onnx"
         shutil.copy(artifact.path, out)
         return artifact.then(out, self.name, config, notes=[f"knob {config.speed}/{config.care}"])
+
+
+class Broken(Pass):
+    """Writes a file ONNX Runtime refuses (how=garbage), or raises as a buggy pass would."""
+
+    name = "broken"
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        how: Literal["garbage", "raise"] = Field("garbage", description="how it fails")
+
+    def run(self, artifact: Artifact, config: Config, ctx: PassContext) -> Artifact:
+        if config.how == "raise":
+            raise RuntimeError("internal error in a third-party converter")
+        out = ctx.workdir / "broken.onnx"
+        out.write_bytes(b"not an onnx model")
+        return artifact.then(out, self.name, config)

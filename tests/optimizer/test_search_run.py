@@ -101,3 +101,17 @@ def test_layers_are_ranked_by_their_own_error(tmp_path):
     ranked = rank_layers(fp32, int8, rows)
     assert [n for n, _ in ranked][0] == names[1]
     assert ranked[0][1] > 2 * ranked[1][1]
+
+
+@pytest.mark.parametrize("how, said", [("garbage", "could not be measured: ModelLoadError"),
+                                       ("raise", "broken failed on original with "
+                                                 "{'how': 'raise'}: RuntimeError: internal error")])
+def test_one_failing_candidate_costs_only_itself(sqlite_registry, mlp, knob, monkeypatch, how,
+                                                 said):
+    monkeypatch.setitem(PASSES, "broken", "tests.optimizer.fake_passes:Broken")
+    result = _run(sqlite_registry, {"optimizations": ["broken", "knob"],
+                                    "pass_configs": {"broken": {"how": how},
+                                                     "knob": {"speed": "fast"}}})
+    assert result.status == "completed"
+    assert [c.artifact.label for c in result.candidates][-1].endswith(_k("fast", 1))
+    assert any(said in n and "the run went on without it" in n for n in result.notes)

@@ -20,7 +20,7 @@ from optiserve.bench.isolated import benchmark_isolated
 from optiserve.convert.detect import FRAMEWORKS
 from optiserve.convert.torch import example_arrays
 from optiserve.core.errors import (DatasetError, GateFailedError, OptimizationTimeout,
-                                   OptiserveError)
+                                   OptiserveError, first_line)
 from optiserve.core.hardware import detect
 from optiserve.core.settings import Settings
 from optiserve.data import metrics
@@ -219,7 +219,13 @@ class Optimizer:
         with tempfile.TemporaryDirectory(prefix="optiserve-") as tmp:
             for artifact in self.candidates(original_art, dataset, calibration, Path(tmp)):
                 self.progress(f"measuring {artifact.label}", 0)
-                cand = self.measure(artifact, dataset, original.outputs, task)
+                try:
+                    cand = self.measure(artifact, dataset, original.outputs, task)
+                except Exception as exc:  # e.g. a graph the runtime refuses: only it is lost
+                    log.debug("measuring %s failed", artifact.label, exc_info=True)
+                    self._note(f"{artifact.label} could not be measured: {type(exc).__name__}: "
+                               f"{first_line(exc)}; the run went on without it")
+                    continue
                 cand.gate = metrics.gate(cand.evaluation, original.evaluation, self.threshold)
                 self._explain_parity(cand, original)
                 measured.append(cand)
@@ -233,7 +239,7 @@ class Optimizer:
                     hint="Raise the limit, or request fewer passes.")
             if not measured:
                 raise OptiserveError(
-                    "No candidate was produced: every requested pass was skipped "
+                    "No candidate was produced: every requested pass was skipped or failed "
                     f"({'; '.join(self.notes) or 'nothing to do'}).",
                     hint="Request passes that apply to this model.")
             passing = [c for c in measured if c.gate.passed]

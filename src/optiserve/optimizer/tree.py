@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
-from optiserve.core.errors import MissingExtraError
+from optiserve.core.errors import ConfigError, MissingExtraError, first_line
 from optiserve.optimizer import sensitivity
 from optiserve.optimizer.search import fallbacks, searched_fields
 from optiserve.passes.base import Artifact, Pass, PassContext, PassSkipped, get_pass
@@ -87,10 +87,12 @@ class CandidateTree:
             child = self._make(cls, node, config, step, skipped)
             if child is None:
                 continue
-            children.append(child)
             yield child
             verdict = self.verdicts.get(id(child))
-            if verdict is not None and not verdict.gate.passed and self._could_win(verdict):
+            if verdict is None:
+                continue  # it could not be measured (the optimizer said why): no child of it
+            children.append(child)
+            if not verdict.gate.passed and self._could_win(verdict):
                 # depth first: settle this config's lineage before the next one
                 queue[:0] = fallbacks(cls, self.configs.get(cls.name), config)
         if "nodes_to_exclude" in cls.Config.model_fields:
@@ -129,10 +131,12 @@ class CandidateTree:
                     f"retry after the gate failed: left in FP32 the {k} layer(s) with the "
                     "largest error against FP32: "
                     + ", ".join(f"{n} ({errors[n]:.3f})" for n in worst))
-                children.append(child)
                 yield child
                 verdict = self.verdicts.get(id(child))
-                if verdict is None or verdict.gate.passed or not self._could_win(verdict):
+                if verdict is None:
+                    break
+                children.append(child)
+                if verdict.gate.passed or not self._could_win(verdict):
                     break
 
     def _make(self, cls: type[Pass], node: Artifact, config: BaseModel, step: int,
@@ -147,6 +151,12 @@ class CandidateTree:
             skipped.append(f"{cls.name} skipped on {node.label}: {skip}")
         except MissingExtraError as exc:  # the run goes on with the passes that can run
             skipped.append(f"{cls.name} skipped: {exc}")
+        except ConfigError:
+            raise  # the request's own mistake: the whole run stops and says so
+        except Exception as exc:  # one failing candidate must not cost the others
+            log.debug("pass %s failed on %s", cls.name, node.label, exc_info=True)
+            self.note(f"{cls.name} failed on {node.label} with {config.model_dump(exclude_defaults=True)}"
+                      f": {type(exc).__name__}: {first_line(exc)}; the run went on without it")
         return None
 
     # -- helpers -------------------------------------------------------------------------

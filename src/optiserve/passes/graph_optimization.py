@@ -4,7 +4,11 @@ For transformer encoders (BERT-like), ONNX Runtime's transformer optimizer fuses
 embedding + LayerNorm, GELU and skip-LayerNorm into single kernels. It needs the number of
 heads and the hidden size: read from the model's optiserve metadata (recorded when a Hugging
 Face module was registered) or given in the config. Other graphs get ONNX Runtime's offline
-"extended" level, which stays portable across CPUs (the "all" level is applied at load time).
+"basic" level by default: constant folding and the fusions that stay standard ONNX (MatMul+Add
+into Gemm, Conv+BatchNorm), so the INT8 quantizer and OpenVINO can still read the result. The
+"extended" level writes ONNX Runtime's own operators (FusedConv, FusedGemm), which the
+quantizer leaves in FP32 and OpenVINO cannot read, and ONNX Runtime applies it at load time
+anyway.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ class GraphOptimization(Pass):
         model_config = ConfigDict(extra="forbid")
 
         level: Literal["basic", "extended"] = Field(
-            "extended", description="ONNX Runtime offline optimization level.")
+            "basic", description="ONNX Runtime offline optimization level: basic stays standard "
+            "ONNX (quantizable, readable by OpenVINO); extended adds ONNX Runtime's fused "
+            "operators, which it also applies at load time.")
         transformer: Literal["auto", "on", "off"] = Field(
             "auto", description="Fuse transformer blocks (attention, LayerNorm, GELU): auto "
             "does it when the graph has LayerNormalization and Softmax.")
