@@ -95,3 +95,14 @@ def test_openvino_branches_beside_onnx_runtime_candidates(sqlite_registry):
 
 
 FRAMEWORK = {"onnx": "onnx", "openvino": "openvino"}
+
+
+def test_static_int8_without_calibration_rows_is_skipped_with_the_fix(mlp, tmp_path, settings):
+    art, x = mlp
+    cls = get_pass("openvino")
+    (tmp_path / "wd").mkdir()
+    for rows in (None, Dataset({"x": x[:0]}, None, "no rows")):
+        ctx = PassContext(workdir=tmp_path / "wd", settings=settings, sample={"x": x[:2]},
+                          calibration=rows)
+        with pytest.raises(PassSkipped, match="needs calibration rows: give calibration_dataset"):
+            cls().run(art, cls.parse_config({"int8": "static"}), ctx)

@@ -78,8 +78,12 @@ class OpenVINO(Pass):
         return artifact.then(out, self.name, config, format="openvino", notes=[note])
 
     def _static(self, model, artifact: Artifact, config: Config, ctx: PassContext):
-        nncf = _nncf()
         rows = ctx.calibration
+        if rows is None or rows.n == 0:
+            raise PassSkipped("OpenVINO static INT8 needs calibration rows: give "
+                              "calibration_dataset (or validation_dataset), or use int8 'none' "
+                              "or 'weights'")
+        nncf = _nncf()
         n = min(config.calibration_rows, len(next(iter(rows.inputs.values()))))
         items = [{k: v[i:i + 1] for k, v in rows.inputs.items()} for i in range(n)]
         ops = Counter(n_.op_type for n_ in onnx.load(str(artifact.path),
