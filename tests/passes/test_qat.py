@@ -4,6 +4,7 @@ accuracy stays with the FP32 model's. Bad inputs skip the pass with a reason."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -234,6 +235,79 @@ def test_linear_on_sequences_gets_int8_matmul_weights(tmp_path, settings):
     fused = _ort_optimized_ops(out.path, tmp_path)
     assert "MatMul" not in fused and fused.get("MatMulIntegerToFloat", 0) + fused.get(
         "QLinearMatMul", 0) == 2
+
+
+class BasicBlock(nn.Module):
+    """ResNet's: conv-BN-ReLU, conv-BN, plus the input (or its 1x1 projection), ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.c2, self.b2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.down = None if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))
+        return torch.relu(y + (x if self.down is None else self.down(x)))
+
+
+@pytest.fixture(scope="module")
+def resnet(digits8):
+    """Stem, an identity block and a downsampling block, pool, Linear: 6 convs, 2 residual
+    Adds, briefly trained on digits 8x8."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                        BasicBlock(8, 8, 1), BasicBlock(8, 16, 2), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(16, 10))
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    xs, ys = torch.from_numpy(digits8.x_train), torch.from_numpy(digits8.y_train)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        for idx in torch.randperm(len(xs), generator=gen).split(64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(xs[idx]), ys[idx]).backward()
+            opt.step()
+    return net.eval()
+
+
+def test_residual_cnn_loads_in_onnx_runtime_with_integer_convs_and_adds(tmp_path, settings,
+                                                                        digits8, resnet):
+    # ONNX Runtime fuses DQ -> Add -> Q into QLinearAdd, which takes only rank-0 scales and zero
+    # points: the [1]-shaped ones FakeQuantize exports failed the session's creation.
+    x = torch.from_numpy(digits8.x_train[:2])
+    art = _register(resnet, tmp_path / "model", (x,))
+    out = _qat(art, settings, tmp_path / "wd", _digits_rows(digits8, labels=False), steps=40)
+    assert "6 Conv + 1 Gemm of 7 layers quantized" in out.notes[-1]
+
+    model = onnx.load(str(out.path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    activations = [n for n in qdq if inits.get(n.input[0], np.zeros(0)).dtype != np.int8]
+    assert activations and all(inits[n.input[1]].shape == () == inits[n.input[2]].shape
+                               for n in activations)
+    adds = [n for n in model.graph.node if n.op_type == "Add"]
+    assert len(adds) == 2
+    for node in adds:  # per-tensor Q/DQ on both residual inputs, or none
+        for name in node.input:
+            dq = producer.get(name)
+            assert dq is None or dq.op_type != "DequantizeLinear" or inits[dq.input[1]].ndim == 0
+    inputs = Counter(n.input[0] for n in qdq if n.op_type == "QuantizeLinear")
+    assert max(inputs.values()) == 1  # the block's conv and its downsample share one
+
+    fused = _ort_optimized_ops(out.path, tmp_path)
+    assert fused.get("QLinearConv") == 6 and "Conv" not in fused
+    assert fused.get("QLinearAdd", 0) >= 1 and fused.get("QGemm") == 1
+
+    with torch.no_grad():
+        ref = resnet(torch.from_numpy(digits8.x_test)).numpy()
+    got = _predict(out.path, digits8.x_test)
+    acc_fp32, acc_int8 = ((p.argmax(1) == digits8.y_test).mean() for p in (ref, got))
+    assert acc_fp32 > 0.9
+    assert acc_int8 >= acc_fp32 - 0.02
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.97
+    assert np.abs(got - ref).mean() < 0.05 * np.abs(ref).mean()  # distilled: logits stay put
 
 
 # -- input the pass cannot use ----------------------------------------------------------------

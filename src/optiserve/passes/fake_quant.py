@@ -5,9 +5,11 @@ torch._export.converter first). BatchNorm is folded into the convolution before 
 Conv/Linear gets fake quantization the way ONNX Runtime runs INT8: weights per-channel symmetric
 int8, activations per-tensor asymmetric uint8 from moving-average min/max observers, observed
 after a following ReLU (ONNX Runtime drops it into the quantization) and shared across
-MaxPool/Flatten/Reshape so no requantization sits between layers. The TorchScript ONNX exporter
-writes each fake-quant as QuantizeLinear -> DequantizeLinear; the weights are then stored as
-int8, the form ONNX Runtime fuses into QLinearConv / QGemm / MatMulIntegerToFloat kernels.
+MaxPool/Flatten/Reshape so no requantization sits between layers (and one per tensor, however
+many layers read it). The TorchScript ONNX exporter writes each fake-quant as QuantizeLinear ->
+DequantizeLinear; the weights are then stored as int8, the form ONNX Runtime fuses into
+QLinearConv / QGemm / MatMulIntegerToFloat kernels, and per-tensor scales and zero points as
+scalars, the only form its QLinearAdd (a residual connection's Add) accepts.
 """
 
 from __future__ import annotations
@@ -162,7 +164,7 @@ def insert_fake_quant(torch: Any, gm: Any, *, quantize_output: bool) -> list[str
     from torch.ao.quantization import (FakeQuantize, MovingAverageMinMaxObserver,
                                        MovingAveragePerChannelMinMaxObserver)
 
-    graph, layers, fq_of = gm.graph, [], {}
+    graph, layers, fq_of, read_through = gm.graph, [], {}, {}
 
     def call(name: str, arg: Any, module: Any = None) -> Any:
         if module is not None:
@@ -185,8 +187,11 @@ def insert_fake_quant(torch: Any, gm: Any, *, quantize_output: bool) -> list[str
             node.update_arg(1, call(f"qat_weight_{i}", node.args[1], FakeQuantize(
                 observer=MovingAveragePerChannelMinMaxObserver, quant_min=-128, quant_max=127,
                 dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0)))
-            if source not in fq_of:
-                node.update_arg(0, call(f"qat_input_{i}", node.args[0], activation()))
+            if source not in fq_of:  # one quantization per tensor, however many layers read
+                if node.args[0] not in read_through:  # it (a block's conv and its downsample)
+                    read_through[node.args[0]] = call(f"qat_input_{i}", node.args[0],
+                                                      activation())
+                node.update_arg(0, read_through[node.args[0]])
             elif source is not node.args[0]:  # same scale as the quantized tensor it moves
                 node.update_arg(0, call(fq_of[source], node.args[0]))
         point = node  # ONNX Runtime folds a ReLU into the quantization after it
@@ -253,11 +258,38 @@ def export_qdq(torch: Any, gm: Any, args: tuple, signature: Signature, out: Path
         raise PassSkipped(f"the fake-quantized model did not export to ONNX "
                           f"({first_line(exc, 200)})") from None
     model = onnx.load(str(out))
+    _scalar_qparams(model.graph)
     _store_int8_weights(model.graph)
     _transpose_int8_weights(model.graph)
     write_meta(model, {k: v for k, v in meta.items()
                        if k in ("num_heads", "hidden_size", "model_type")})
     onnx.save(model, str(out))
+
+
+def _scalar_qparams(graph: onnx.GraphProto) -> None:
+    """A one-element scale or zero point of QuantizeLinear/DequantizeLinear becomes a scalar.
+    FakeQuantize keeps per-tensor parameters as shape-[1] tensors and exports them so, but
+    ONNX Runtime's QLinearAdd/QLinearMul/QLinearConcat (what it fuses DQ -> Add -> Q into, as
+    at a ResNet's residual) accept only rank-0 ones and fail the session's creation."""
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+                   if n.op_type == "Constant" and n.attribute[0].name == "value"})
+    for node in graph.node:  # the exporter shares equal constants through Identity nodes
+        if node.op_type == "Identity" and node.input[0] in consts:
+            consts[node.output[0]] = consts[node.input[0]]
+    scalars: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for k in range(1, len(node.input)):
+            value = consts.get(node.input[k])
+            if value is None or value.size != 1 or value.ndim == 0:
+                continue
+            if node.input[k] not in scalars:
+                scalars[node.input[k]] = f"{node.input[k]}_scalar"
+                graph.initializer.append(
+                    numpy_helper.from_array(value.reshape(()), scalars[node.input[k]]))
+            node.input[k] = scalars[node.input[k]]
 
 
 def _store_int8_weights(graph: onnx.GraphProto) -> None:
