@@ -115,3 +115,18 @@ def test_one_failing_candidate_costs_only_itself(sqlite_registry, mlp, knob, mon
     assert result.status == "completed"
     assert [c.artifact.label for c in result.candidates][-1].endswith(_k("fast", 1))
     assert any(said in n and "the run went on without it" in n for n in result.notes)
+
+
+def test_when_int8_is_slower_fp32_is_kept_and_the_note_says_why(sqlite_registry, mlp):
+    fp32, pc = "graph_optimization", "graph_optimization > quantization(method=dynamic, per_channel=True)"
+    pt = pc.replace("True", "False")
+    result = _run(sqlite_registry, {"optimizations": ["graph_optimization", "quantization"],
+                                    "quantization_config": {"method": "dynamic"},
+                                    "accuracy_threshold": 0.9, "batch_sizes": [1, 64]},
+                  latencies={fp32: {1: 1.0, 64: 10.0}, pt: {1: 1.3, 64: 14.0},
+                             pc: {1: 1.2, 64: 12.0}})
+    assert result.chosen.artifact.label == fp32
+    why = next(n for n in result.notes if n.startswith("chosen: "))
+    assert "1.000 ms at batch 1, 10.000 ms at batch 64" in why
+    assert f"INT8 does not pay off here: the fastest passing INT8 candidate, {pc}, took " \
+           "1.200 ms, 12.000 ms" in why

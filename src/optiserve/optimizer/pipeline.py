@@ -345,13 +345,16 @@ def _why(chosen: Candidate, measured: list[Candidate], original: Candidate,
             + ", ".join(f"{chosen.latency[b].p50_ms:.3f} ms at batch {b}" for b in sizes)
             + f"; the original: " + ", ".join(f"{original.latency[b].p50_ms:.3f} ms"
                                               for b in sizes))
-    lossy = [c for c in measured if c is not chosen and _is_int8(c) and c.gate.passed]
-    if not _is_int8(chosen) and lossy:
-        best = min(lossy, key=lambda c: _speed_score(c, [chosen, c]))
+    # the other precision's best, for contrast: the choice between FP32 and INT8 is measured
+    other = [c for c in measured if c is not chosen and c.gate.passed
+             and _is_int8(c) != _is_int8(chosen)]
+    if other:
+        best = min(other, key=lambda c: _speed_score(c, [chosen, c]))
+        took = ", ".join(f"{best.latency[b].p50_ms:.3f} ms" for b in sizes)
         text += (f". INT8 does not pay off here: the fastest passing INT8 candidate, "
-                 f"{best.artifact.label}, took "
-                 + ", ".join(f"{best.latency[b].p50_ms:.3f} ms" for b in sizes)
-                 + " at the same batch sizes")
+                 f"{best.artifact.label}, took {took}" if not _is_int8(chosen) else
+                 f". INT8 pays off here: the fastest passing FP32 candidate, "
+                 f"{best.artifact.label}, took {took}")
     others = {b: c for b, c in fastest.items() if c is not chosen}
     for b, c in others.items():
         text += (f". At batch {b} {c.artifact.label} is faster ({c.latency[b].p50_ms:.3f} ms) "
