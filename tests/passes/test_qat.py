@@ -177,6 +177,19 @@ def test_max_seconds_stops_training_and_says_so(tmp_path, settings, digits8, art
     assert op_counts(out.path)["DequantizeLinear"] >= 4
 
 
+
+def test_the_runs_time_limit_stops_training_and_says_so(tmp_path, settings, digits8, artifacts):
+    import time
+
+    cls = get_pass("qat")
+    (tmp_path / "wd").mkdir()
+    ctx = PassContext(workdir=tmp_path / "wd", settings=settings, sample={},
+                      training=_digits_rows(digits8), deadline=time.monotonic() + 0.01)
+    out = cls().run(artifacts["torchscript"], cls.parse_config({"steps": 100_000}), ctx)
+    assert "stopped by OPTIMIZATION_MAX_TIME_MINUTES" in out.notes[-1]
+    assert op_counts(out.path)["DequantizeLinear"] >= 4  # what was trained is still exported
+
+
 class ViewByBatch(nn.Module):
     """Flattens with x.reshape(x.size(0), -1): the batch size is read inside the graph."""
 

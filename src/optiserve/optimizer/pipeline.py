@@ -139,7 +139,7 @@ class Optimizer:
             self.notes.append(f"options given for passes not requested: {sorted(unused)}")
         context = {"settings": self.settings, "sample": dataset.take(min(2, dataset.n)),
                    "calibration": calibration, "training": self.training,
-                   "hardware": self.hardware}
+                   "hardware": self.hardware, "deadline": self.deadline}
         tree = CandidateTree(names=names, plans=plans, configs=configs, context=context,
                              workdir=workdir, rows=dataset.take(min(16, dataset.n)),
                              verdicts=self.verdicts, out_of_time=self._out_of_time,

@@ -75,6 +75,9 @@ class PassContext:
     calibration: Any = None
     training: Any = None
     hardware: Hardware = field(default_factory=detect)
+    #: time.monotonic() when the run must stop (OPTIMIZATION_MAX_TIME_MINUTES); passes that
+    #: train stop there and say so. None: no run limit (a pass called on its own).
+    deadline: float | None = None
 
 
 class PassSkipped(Exception):

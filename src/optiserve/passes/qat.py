@@ -72,14 +72,18 @@ class QAT(Pass):
         layers = insert_fake_quant(torch, gm, quantize_output=config.quantize_output)
         trainer = _Trainer(torch, gm, data, targets, kind, config, artifact.signature)
         before = trainer.evaluate()
-        done = trainer.train(deadline=started + config.max_seconds)
+        deadline = started + config.max_seconds
+        by_run = ctx.deadline is not None and ctx.deadline < deadline
+        done = trainer.train(deadline=ctx.deadline if by_run else deadline)
         after = trainer.evaluate()
         out = ctx.workdir / "qat_qdq.onnx"
         opset = max(13, ctx.settings.onnx_opset_version)  # per-channel Q/DQ needs opset 13
         export_qdq(torch, gm, args, artifact.signature, out, opset, meta=artifact.meta)
         model = check(out)
         counts = Counter(quantized_layers(model))
-        stopped = f", stopped by max_seconds={config.max_seconds:g}" if done < config.steps else ""
+        stopped = "" if done >= config.steps else (
+            ", stopped by OPTIMIZATION_MAX_TIME_MINUTES" if by_run
+            else f", stopped by max_seconds={config.max_seconds:g}")
         note = (f"QAT: {done} steps of fake-quant fine-tuning ({_LOSSES[kind]}, "
                 f"{trainer.n}{f' of {total}' if total > trainer.n else ''} rows of "
                 f"{ctx.training.description or 'the training data'}"
