@@ -117,6 +117,16 @@ def test_skops_upload_then_optimize_over_http(server, logreg, breast_cancer, tmp
     assert report["original"]["format"] == "skops" and report["optimized"]["format"] == "onnx"
     assert report["optimized"]["accuracy"] >= 0.99 * report["original"]["accuracy"]
 
+    # the run's Pareto chart is served under the run, and the job names its URL, not a path
+    job = c.get(f"/api/v1/inference/optimizations/{report['optimization_id']}").json()
+    url = f"/api/v1/inference/optimizations/{report['optimization_id']}/pareto.png"
+    assert job["details"]["pareto_png"] == url
+    png = c.get(url)
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert png.content.startswith(b"\x89PNG")
+    missing = c.get("/api/v1/inference/optimizations/opt-000000000000/pareto.png")
+    assert missing.status_code == 404 and "error" in missing.json()
+
 
 @pytest.mark.integration
 def test_torchscript_upload_with_input_specs(server, digits_net, tmp_path):

@@ -107,6 +107,9 @@ def job_json(run: dict[str, Any]) -> dict[str, Any]:
     iso = {k: run[k].isoformat() if run[k] else None
            for k in ("created_at", "started_at", "finished_at")}
     candidates = report["details"]["candidates"] if report else run["candidates"]
+    if report and report["details"].get("pareto_png"):  # a URL here, not the server's path
+        report = {**report, "details": {**report["details"], "pareto_png":
+                                        f"/api/v1/inference/optimizations/{run['id']}/pareto.png"}}
     return {
         "optimization_id": run["id"], "status": run["status"],
         "model_id": run["request"].get("model_id"), **iso,
@@ -285,6 +288,19 @@ def list_optimizations(registry: Reg, model: str | None = None, status: str | No
             summary="A job: status, progress, candidates tried, the report")
 def get_optimization(optimization_id: str, registry: Reg):
     return job_json(registry.runs.get(optimization_id))
+
+
+@router.get("/inference/optimizations/{optimization_id}/pareto.png", tags=["optimizations"],
+            dependencies=[Depends(scope("read", "optimize"))], response_class=FileResponse,
+            summary="The run's Pareto chart: latency vs metric vs size, per batch size")
+def get_pareto(optimization_id: str, registry: Reg):
+    run = registry.runs.get(optimization_id)
+    path = ((run["report"] or {}).get("details") or {}).get("pareto_png")
+    if not path or not Path(path).is_file():
+        return error_response(404, f"Run {optimization_id} has no Pareto chart ({run['status']}).",
+                              hint="It is drawn when a run ends with candidates measured, "
+                              "and needs matplotlib (pip install 'optiserve[plots]').")
+    return FileResponse(path, media_type="image/png")
 
 
 @router.delete("/inference/optimizations/{optimization_id}", tags=["optimizations"],
