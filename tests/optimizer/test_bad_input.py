@@ -44,6 +44,8 @@ BAD_REQUESTS = [
     pytest.param(ConfigError, {"optimizations": ["quantization"],
                                "pass_configs": {"quantization": {"method": "fp4"}}},
                  id="bad-option-value"),
+    pytest.param(ConfigError, {"optimizations": ["auto"], "quantization_config": {
+        "activation_type": "qint8", "weight_type": "quint8"}}, id="uncombinable-options"),
     pytest.param(ConfigError, {"accuracy_threshold": 1.5}, id="threshold-1.5"),
     pytest.param(ConfigError, {"accuracy_threshold": 0}, id="threshold-0"),
     pytest.param(ConfigError, {"batch_sizes": [0]}, id="batch-size-0"),

@@ -81,10 +81,25 @@ def test_pareto_front_keeps_only_undominated_points():
     assert pareto.front(points) == [4, 0, 1]
 
 
-def test_layers_are_ranked_by_their_own_error(tmp_path):
-    """One layer's weights carry a huge outlier: per-tensor INT8 crushes the rest of that
-    layer, so it must rank first, and the layers after it must not inherit the blame."""
-    from onnxruntime.quantization import quantize_dynamic
+class _Rows:
+    """A CalibrationDataReader over one array."""
+
+    def __init__(self, x):
+        self.items = iter([{"x": x[i:i + 8]} for i in range(0, len(x), 8)])
+
+    def get_next(self):
+        return next(self.items, None)
+
+
+@pytest.mark.parametrize("how", ["dynamic", "qdq", "qoperator"])
+def test_layers_are_ranked_by_their_own_error(tmp_path, how):
+    """One layer's weights carry a huge outlier on an input that is always 0 (a dead ReLU
+    unit): it changes nothing in FP32, but per-tensor INT8 scales crush the rest of that
+    layer's weights, so it must rank first, and the layers after it must not inherit the
+    blame. Static
+    quantizers rename tensors (a Relu folded into its layer, QOperator's `_quantized` uint8
+    outputs): the ranking must still find every layer."""
+    from onnxruntime.quantization import QuantFormat, quantize_dynamic, quantize_static
 
     model = mlp_onnx((64, 128, 128, 10))
     for i, node in enumerate(model.graph.node):
@@ -94,12 +109,23 @@ def test_layers_are_ranked_by_their_own_error(tmp_path):
     arr = numpy_helper.to_array(w).copy()
     arr[0, 0] = 500.0
     w.CopyFrom(numpy_helper.from_array(arr, "W1"))
+    for name, update in (("W0", lambda a: a.__setitem__((slice(None), 0), 0.0)),
+                         ("B0", lambda a: a.__setitem__(0, -1.0))):
+        init = next(i for i in model.graph.initializer if i.name == name)
+        value = numpy_helper.to_array(init).copy()
+        update(value)  # unit 0 of the first layer never fires
+        init.CopyFrom(numpy_helper.from_array(value, name))
     fp32 = save_onnx(model, tmp_path / "fp32.onnx")
     int8 = tmp_path / "int8.onnx"
-    quantize_dynamic(str(fp32), str(int8), per_channel=False)
-    rows = {"x": np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)}
-    ranked = rank_layers(fp32, int8, rows)
-    assert [n for n, _ in ranked][0] == names[1]
+    x = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    if how == "dynamic":
+        quantize_dynamic(str(fp32), str(int8), per_channel=False)
+    else:
+        quantize_static(str(fp32), str(int8), _Rows(x), per_channel=False,
+                        quant_format=QuantFormat.QDQ if how == "qdq" else QuantFormat.QOperator)
+    ranked = rank_layers(fp32, int8, {"x": x[:16]})
+    assert {n for n, _ in ranked} == set(names)  # every layer found in the lossy graph
+    assert ranked[0][0] == names[1]
     assert ranked[0][1] > 2 * ranked[1][1]
 
 

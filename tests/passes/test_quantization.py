@@ -79,7 +79,7 @@ def test_excluded_op_type_stays_float(tmp_path, settings, mlp_path):
                     "op_types": ["MatMul", "Gather"]})
     assert op_counts(out.path)["MatMul"] == 3 and "MatMulInteger" not in op_counts(out.path)
     assert "left in FP32: MatMul x3 (excluded by you)" in out.notes
-    with pytest.raises(ConfigError, match="leaves no operator type to quantize"):
+    with pytest.raises(ConfigError, match="leaves none of op_types"):
         run_pass("quantization", onnx_artifact(mlp_path), settings, tmp_path / "wd",
                  {"method": "dynamic", "per_channel": False, "op_types": ["MatMul"],
                   "op_types_to_exclude": ["MatMul"]})

@@ -142,7 +142,7 @@ def optimize(
                       data_source=data_source)
     passes = _csv(opt)
     body = {"model_id": model, "optimizations": passes,
-            "quantization_config": quant if "quantization" in passes else None,
+            "quantization_config": quant if {"quantization", "auto"} & set(passes) else None,
             "pass_configs": configs, "accuracy_threshold": threshold,
             "validation_dataset": spec.model_dump() if spec else None,
             "calibration_dataset": _file_spec(calibration_file, None),

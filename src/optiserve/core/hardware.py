@@ -52,14 +52,18 @@ class Hardware:
 
     @property
     def int8_reduce_range(self) -> bool:
-        """7-bit weights: needed on x86 without VNNI (u8*s8 saturation), not elsewhere."""
-        return self.x86 and not self.vnni
+        """7-bit weights: needed on x86 without VNNI (u8*s8 saturation), not elsewhere. Flags
+        that could not be read prove nothing: ONNX Runtime's default (off) then."""
+        return self.x86 and bool(self.flags) and not self.vnni
 
     @property
     def int8_note(self) -> str | None:
         """A warning when INT8 is unlikely to pay off on this CPU, else None."""
         if self.vnni:
             return None
+        if not self.flags:
+            return ("the CPU's instruction set could not be read here, so whether INT8 pays off "
+                    "is unknown until measured (the benchmark below measures it)")
         if self.x86 and "avx2" in self.flags:
             return ("this CPU has no VNNI: INT8 matrix products use saturating AVX2/AVX-512 "
                     "instructions, so weights are limited to 7 bits (reduce_range) and INT8 is "
@@ -111,6 +115,8 @@ def _gpus() -> tuple[str, ...]:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
+        return ()
+    if out.returncode != 0:  # e.g. "NVIDIA-SMI has failed ... communicate with the driver"
         return ()
     return tuple(line.strip() for line in out.stdout.splitlines() if line.strip())
 

@@ -29,14 +29,15 @@ def save(result, folder: Path, note: Callable[[str], None]) -> str | None:
     if not available("matplotlib"):
         note("no Pareto chart: matplotlib is missing (pip install 'optiserve[plots]')")
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a Figure of its own, not pyplot: no process-wide backend switch or figure registry (a
+    # notebook's inline plots and other threads are left alone)
+    from matplotlib.figure import Figure
 
     cands = [result.original, *result.candidates]
     sizes = sorted(result.original.latency)
-    fig, axes = plt.subplots(1, len(sizes), figsize=(6.2 * len(sizes), 4.8), squeeze=False)
+    fig = Figure(figsize=(6.2 * len(sizes), 4.8))
+    axes = fig.subplots(1, len(sizes), squeeze=False)
+    required = next((c.gate.required for c in result.candidates if c.gate is not None), None)
     biggest = max(c.size_bytes for c in cands) or 1
     for ax, bs in zip(axes[0], sizes):
         points = [(c.latency[bs].p50_ms, c.evaluation.value) for c in cands]
@@ -52,8 +53,9 @@ def save(result, folder: Path, note: Callable[[str], None]) -> str | None:
         idx = front(points)
         ax.plot([points[i][0] for i in idx], [points[i][1] for i in idx], "--", color="grey",
                 zorder=2, label="Pareto front")
-        ax.axhline(result.original.evaluation.value * result.threshold, color="red", lw=0.8,
-                   label=f"gate ({result.threshold:.3g} x original)")
+        if required is not None:  # the gate's own bound (negative metrics included)
+            ax.axhline(required, color="red", lw=0.8,
+                       label=f"gate ({result.threshold:.3g} x original)")
         ax.set_xscale("log")
         ax.set_xlabel(f"p50 latency at batch {bs} (ms, log)")
         ax.set_ylabel(result.original.evaluation.metric)
@@ -67,6 +69,5 @@ def save(result, folder: Path, note: Callable[[str], None]) -> str | None:
     path = folder / f"{result.run_id}-pareto.png"
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     tmp.replace(path)  # whole or not at all
     return str(path.resolve())

@@ -121,7 +121,9 @@ class Optimizer:
                                 "they are GPU optimizations. Name them to measure them anyway")
             names = [n for n in names if n not in gpu]
         if self.training is None and "qat" in names and "qat" not in self.request.optimizations:
-            left_out.append("qat: it trains, and the request has no training_dataset")
+            left_out.append("qat: it trains, and the request has no training_dataset"
+                            if self.request.training_dataset is None else
+                            "qat: its training data cannot be used (see above)")
             names.remove("qat")
         for text in left_out:
             self._note(f"auto left out {text}")
@@ -139,7 +141,8 @@ class Optimizer:
             self.notes.append(f"options given for passes not requested: {sorted(unused)}")
         context = {"settings": self.settings, "sample": dataset.take(min(2, dataset.n)),
                    "calibration": calibration, "training": self.training,
-                   "hardware": self.hardware, "deadline": self.deadline}
+                   "hardware": self.hardware, "deadline": self.deadline,
+                   "batch_sizes": tuple(self.request.batch_sizes)}
         tree = CandidateTree(names=names, plans=plans, configs=configs, context=context,
                              workdir=workdir, rows=dataset.take(min(16, dataset.n)),
                              verdicts=self.verdicts, out_of_time=self._out_of_time,
@@ -267,7 +270,10 @@ class Optimizer:
                               batch_size=bs, notes=self.notes, dataset=dataset.description,
                               threads=self.settings.threads, fastest=fastest,
                               hardware=self.hardware.as_dict())
-        result.pareto_png = pareto.save(result, self.settings.home / "reports", self._note)
+        try:
+            result.pareto_png = pareto.save(result, self.settings.home / "reports", self._note)
+        except Exception as exc:  # a chart must not fail a run whose versions are registered
+            self._note(f"no Pareto chart: {type(exc).__name__}: {first_line(exc)}")
         return result
 
     def _remeasure_finalists(self, passing: list[Candidate], original: Candidate,
@@ -346,14 +352,15 @@ def _why(chosen: Candidate, measured: list[Candidate], original: Candidate,
             + f"; the original: " + ", ".join(f"{original.latency[b].p50_ms:.3f} ms"
                                               for b in sizes))
     # the other precision's best, for contrast: the choice between FP32 and INT8 is measured
+    mine = _precision(chosen)
     other = [c for c in measured if c is not chosen and c.gate.passed
-             and _is_int8(c) != _is_int8(chosen)]
+             and (_precision(c) == "INT8") != (mine == "INT8")]
     if other:
         best = min(other, key=lambda c: _speed_score(c, [chosen, c]))
         took = ", ".join(f"{best.latency[b].p50_ms:.3f} ms" for b in sizes)
         text += (f". INT8 does not pay off here: the fastest passing INT8 candidate, "
-                 f"{best.artifact.label}, took {took}" if not _is_int8(chosen) else
-                 f". INT8 pays off here: the fastest passing FP32 candidate, "
+                 f"{best.artifact.label}, took {took}" if mine != "INT8" else
+                 f". INT8 pays off here: the fastest passing {_precision(best)} candidate, "
                  f"{best.artifact.label}, took {took}")
     others = {b: c for b, c in fastest.items() if c is not chosen}
     for b, c in others.items():
@@ -362,11 +369,17 @@ def _why(chosen: Candidate, measured: list[Candidate], original: Candidate,
     return text
 
 
-def _is_int8(cand: Candidate) -> bool:
-    names = {p["name"] for p in cand.artifact.passes}
-    configs = [p["config"] for p in cand.artifact.passes if p["name"] == "openvino"]
-    return bool(names & {"quantization", "qat"}) or any(
-        c.get("int8") not in (None, "none") for c in configs)
+def _precision(cand: Candidate) -> str:
+    """INT8, FP16 or FP32, read off the passes that made the candidate."""
+    passes = cand.artifact.passes
+    names = {p["name"] for p in passes}
+    if names & {"quantization", "qat"} or any(
+            p["config"].get("int8") not in (None, "none", False) for p in passes
+            if p["name"] in ("openvino", "tensorrt")):
+        return "INT8"
+    if "fp16" in names or any(p["config"].get("fp16") for p in passes if p["name"] == "tensorrt"):
+        return "FP16"
+    return "FP32"
 
 
 def _speed_score(cand: Candidate, pool: list[Candidate]) -> float:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
 
 COMPUTE = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Attention", "FusedConv", "FusedMatMul",
@@ -24,13 +25,21 @@ COMPUTE = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Attention", "FusedConv", 
 def rank_layers(fp32: Path, lossy: Path, rows: dict[str, np.ndarray],
                 limit: int = 64) -> list[tuple[str, float]]:
     """(node name, own error) of the FP32 graph's compute nodes, worst first."""
-    model = onnx.load(str(fp32))
+    model, quant = onnx.load(str(fp32)), onnx.load(str(lossy))
     nodes = [n for n in model.graph.node if n.op_type in COMPUTE and n.name][:limit * 4]
     produced = {o for n in model.graph.node for o in n.output}
-    tensors = sorted({t for n in nodes for t in (*n.output[:1], *n.input[:1]) if t in produced})
-    ref = _run(model, tensors, rows)
-    got = _run(onnx.load(str(lossy)), tensors, rows)
-    error = {t: _relative(got[t], ref[t]) for t in tensors if t in got and t in ref}
+    pairs = {}  # FP32 tensor -> (tensor compared in FP32, twin in the lossy graph)
+    for t in {t for n in nodes for t in (*n.output[:1], *n.input[:1]) if t in produced}:
+        twin = _twin(t, model, quant)
+        if twin is not None:
+            pairs[t] = twin
+    ref = _run(model, sorted({a for a, _ in pairs.values()}), rows)
+    got = _run(quant, sorted({b for _, b in pairs.values()}), rows)
+    scales = {i.name: onnx.numpy_helper.to_array(i) for i in quant.graph.initializer}
+    error = {}
+    for t, (a, b) in pairs.items():
+        if a in ref and b in got:
+            error[t] = _relative(_dequantized(b, got[b], scales), ref[a])
     ranked = []
     for n in nodes:
         out = n.output[0]
@@ -40,6 +49,46 @@ def rank_layers(fp32: Path, lossy: Path, rows: dict[str, np.ndarray],
         ranked.append((n.name, max(0.0, error[out] - inherited)))
     ranked.sort(key=lambda item: -item[1])
     return ranked[:limit]
+
+
+def _twin(t: str, model: onnx.ModelProto, quant: onnx.ModelProto) -> tuple[str, str] | None:
+    """Where FP32 tensor `t` lives in the lossy graph. ONNX Runtime's quantizers keep most
+    names; in a QDQ graph readers see `t_DequantizeLinear_Output` (a Relu after a layer is
+    folded into the QuantizeLinear, so `t` itself is the value before it), a QDQ graph renames a tensor that feeds a graph output (`t_QuantizeLinear_Input`)
+    and folds a lone Relu/Clip after a layer into it (the layer writes the Relu's output:
+    compare after the activation on both sides), and QOperator writes `t_quantized` (uint8),
+    folding a Relu into the quantized range of its input."""
+    written = {o for n in quant.graph.node for o in n.output}
+    if f"{t}_DequantizeLinear_Output" in written:  # QDQ: the value its readers see
+        return t, f"{t}_DequantizeLinear_Output"
+    if t in written:
+        return t, t
+    if f"{t}_QuantizeLinear_Input" in written:
+        return t, f"{t}_QuantizeLinear_Input"
+    readers = [n for n in model.graph.node if t in n.input]
+    if len(readers) == 1 and readers[0].op_type in ("Relu", "Clip"):
+        after = readers[0].output[0]
+        for name in (after, f"{after}_QuantizeLinear_Input"):
+            if name in written:
+                return after, name
+    if f"{t}_quantized" in written:
+        return t, f"{t}_quantized"
+    producer = next((n for n in model.graph.node if t in n.output), None)
+    if producer is not None and producer.op_type in ("Relu", "Clip") \
+            and f"{producer.input[0]}_quantized" in written:  # QOperator folded the Relu away
+        return t, f"{producer.input[0]}_quantized"
+    return None
+
+
+def _dequantized(name: str, value: np.ndarray, initializers: dict) -> np.ndarray:
+    """A QOperator tensor back in float, through its recorded scale and zero point."""
+    if value.dtype.kind == "f" or not name.endswith("_quantized"):
+        return value
+    base = name.removesuffix("_quantized")
+    scale, zero = initializers.get(f"{base}_scale"), initializers.get(f"{base}_zero_point")
+    if scale is None or zero is None:
+        return value.astype(np.float32)
+    return (value.astype(np.float32) - zero.astype(np.float32)) * scale.astype(np.float32)
 
 
 def _run(model: onnx.ModelProto, tensors: list[str], rows: dict[str, np.ndarray]) -> dict:
@@ -58,7 +107,7 @@ def _run(model: onnx.ModelProto, tensors: list[str], rows: dict[str, np.ndarray]
     feed = {i.name: rows[i.name] for i in session.get_inputs() if i.name in rows}
     values = session.run(wanted, feed)
     return {name: np.asarray(v) for name, v in zip(wanted, values)
-            if np.asarray(v).dtype.kind == "f"}
+            if np.asarray(v).dtype.kind in "fiu"}
 
 
 def _relative(a: np.ndarray, b: np.ndarray) -> float:

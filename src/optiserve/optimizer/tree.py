@@ -167,7 +167,8 @@ class CandidateTree:
             if all(other.latency[bs].p50_ms <= failed.latency[bs].p50_ms for bs in failed.latency):
                 self.note(f"{failed.artifact.label} failed the gate and was not retried: "
                           f"{other.artifact.label} already passes and is faster at every "
-                          "batch size, and keeping layers in FP32 only makes it slower")
+                          "batch size, and a retry (another calibration, layers kept in FP32) "
+                          "would not be faster")
                 return False
         return True
 

@@ -78,6 +78,8 @@ class PassContext:
     #: time.monotonic() when the run must stop (OPTIMIZATION_MAX_TIME_MINUTES); passes that
     #: train stop there and say so. None: no run limit (a pass called on its own).
     deadline: float | None = None
+    #: the batch sizes the run benchmarks (a pass that fixes shapes must cover them)
+    batch_sizes: tuple[int, ...] = ()
 
 
 class PassSkipped(Exception):

@@ -220,8 +220,7 @@ class _Trainer:
         freeze_at = int(cfg.steps * cfg.freeze_observers_at)
         for step in range(cfg.steps):
             if time.monotonic() > deadline:
-                log.warning("qat: stopped after %d of %d steps (max_seconds=%g)", step,
-                            cfg.steps, cfg.max_seconds)
+                log.warning("qat: stopped after %d of %d steps (time limit)", step, cfg.steps)
                 break
             if step == freeze_at:
                 for f in self.fake_quants:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Literal
 
 import numpy as np
 import onnx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from optiserve.convert.onnx_io import check
 from optiserve.core.errors import ConfigError, first_line
@@ -88,6 +89,18 @@ class Quantization(Pass):
         calibration_chunk: int = Field(
             16, ge=1, description="Static only: rows per calibration batch; one batch's "
             "activations are held in memory at a time.")
+
+        @model_validator(mode="after")
+        def _combinable(self):
+            """Refused when the request is read, not after other candidates were measured."""
+            if self.activation_type == "qint8" and self.weight_type == "quint8":
+                raise ValueError("activation_type 'qint8' with weight_type 'quint8' is a "
+                                 "combination ONNX Runtime cannot quantize to; use quint8 "
+                                 "activations or qint8 weights")
+            if self.op_types is not None and set(self.op_types) <= set(self.op_types_to_exclude):
+                raise ValueError(f"op_types_to_exclude {self.op_types_to_exclude} leaves none of "
+                                 f"op_types {self.op_types} to quantize")
+            return self
 
     def run(self, artifact: Artifact, config: Config, ctx: PassContext) -> Artifact:
         missing = [f for f in ("method", "per_channel") if getattr(config, f) is None]
@@ -253,14 +266,10 @@ def activation_type(config: Quantization.Config, hardware: Hardware) -> str:
 
     ONNX Runtime's QDQ default is S8S8; on x86 without VNNI its u8*s8 instruction wants U8S8
     (with reduce_range), and QOperator's kernels are written for U8S8."""
-    if config.activation_type is not None:
-        if config.activation_type == "qint8" and config.weight_type == "quint8":
-            raise ConfigError("activation_type 'qint8' with weight_type 'quint8' is a combination "
-                              "ONNX Runtime cannot quantize to.",
-                              hint="Use quint8 activations or qint8 weights.")
+    if config.activation_type is not None:  # the Config refuses qint8 with quint8 weights
         return config.activation_type
     s8 = (config.quant_format == "qdq" and config.weight_type == "qint8"
-          and not (hardware.x86 and not hardware.vnni))
+          and not hardware.int8_reduce_range)  # i.e. not x86 known to lack VNNI
     return "qint8" if s8 else "quint8"
 
 
@@ -271,8 +280,8 @@ def op_types_for(config: Quantization.Config, default_ops) -> list[str] | None:
     keep = [o for o in (config.op_types or sorted(default_ops))
             if o not in config.op_types_to_exclude]
     if not keep:  # ONNX Runtime reads an empty list as "all of them"
-        raise ConfigError(f"op_types_to_exclude {config.op_types_to_exclude} leaves no operator "
-                          "type to quantize.", hint="Exclude fewer types, or skip the pass.")
+        raise PassSkipped(f"op_types_to_exclude {config.op_types_to_exclude} leaves no operator "
+                          "type ONNX Runtime can quantize here")
     return keep
 
 
@@ -317,13 +326,19 @@ def _quant_type(name: str):
 def quiet():
     """Keep the user's output clean: ONNX Runtime's quantizer logs advice on the root logger,
     its histogram calibrators print() per batch, and numpy warns on tensors with huge ranges.
-    (Redirecting stdout is process-wide; quantization runs in the optimizer, not the server.)"""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), \
-                np.errstate(all="ignore"):
-            yield
-    finally:
-        root.setLevel(level)
+    Redirecting stdout and the root logger's level are process-wide, so one quantization at a
+    time holds them (a lock: two overlapping threads would otherwise restore each other's
+    state in the wrong order and leave stdout closed)."""
+    with _QUIET:
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)
+        try:
+            with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), \
+                    np.errstate(all="ignore"):
+                yield
+        finally:
+            root.setLevel(level)
+
+
+_QUIET = threading.RLock()

@@ -79,7 +79,8 @@ class TensorRT(Pass):
         if why:
             raise PassSkipped(why)
         shapes = {name: tuple(value.shape) for name, value in ctx.sample.items()}
-        options = trt_options(config, ctx.settings, artifact.signature, shapes)
+        options = trt_options(config, ctx.settings, artifact.signature, shapes,
+                              max(config.max_batch_size, *ctx.batch_sizes, 1))
         write_meta(model, {"execution_provider": "tensorrt",
                            "trt_options": json.dumps(options, sort_keys=True)})
         out = ctx.workdir / "tensorrt.onnx"
@@ -109,16 +110,18 @@ def preflight(hardware: Hardware) -> str | None:
 
 
 def trt_options(config: TensorRT.Config, settings: Settings, signature: Signature,
-                sample_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+                sample_shapes: Mapping[str, tuple[int, ...]],
+                max_batch: int | None = None) -> dict[str, Any]:
     """The TensorRT execution provider's options, without the machine's cache paths (the
-    runtime adds those where it loads the model)."""
+    runtime adds those where it loads the model). `max_batch`: the profile's largest batch,
+    at least the batch sizes the run benchmarks (shapes outside a profile fail in TensorRT)."""
     gb = config.workspace_gb if config.workspace_gb is not None \
         else settings.tensorrt_workspace_size_gb
     return {"trt_fp16_enable": config.fp16, "trt_int8_enable": config.int8,
             "trt_max_workspace_size": int(gb * 2**30),
             "trt_builder_optimization_level": config.builder_optimization_level,
             "trt_engine_cache_enable": True, "trt_timing_cache_enable": True,
-            **profile_shapes(signature, sample_shapes, config.max_batch_size)}
+            **profile_shapes(signature, sample_shapes, max_batch or config.max_batch_size)}
 
 
 def profile_shapes(signature: Signature, sample_shapes: Mapping[str, tuple[int, ...]],
