@@ -18,14 +18,18 @@ from optiserve.core.types import Signature
 
 # format -> extension used when storing the artifact
 EXTENSIONS = {"onnx": ".onnx", "pkl": ".pkl", "skops": ".skops", "torchscript": ".pt",
-              "pt2": ".pt2", "openvino": ".ovz"}
+              "pt2": ".pt2", "openvino": ".ovz", "xgboost": ".json", "xgboost_ubj": ".ubj",
+              "lightgbm": ".txt"}
 FRAMEWORKS = {"onnx": "onnx", "pkl": "sklearn", "skops": "sklearn", "torchscript": "torch",
-              "pt2": "torch", "openvino": "openvino"}
+              "pt2": "torch", "openvino": "openvino", "xgboost": "xgboost",
+              "xgboost_ubj": "xgboost", "lightgbm": "lightgbm"}
 EXT_FORMAT = {".onnx": "onnx", ".pkl": "pkl", ".pickle": "pkl", ".joblib": "pkl",
                ".skops": "skops", ".pt": "torchscript", ".pth": "torchscript",
-               ".jit": "torchscript", ".pt2": "pt2"}
+               ".jit": "torchscript", ".pt2": "pt2", ".json": "xgboost", ".ubj": "xgboost_ubj",
+               ".txt": "lightgbm"}
 _SUPPORTED = ("Supported: .onnx, .pkl/.joblib (scikit-learn pickle), .skops (scikit-learn "
-              "saved with skops.io.dump), .pt (TorchScript), .pt2 (torch.export).")
+              "saved with skops.io.dump), .pt (TorchScript), .pt2 (torch.export), .json/.ubj "
+              "(XGBoost booster.save_model), .txt (LightGBM booster.save_model).")
 
 
 @dataclass
@@ -43,7 +47,8 @@ class Imported:
 
 
 def sniff(path: Path) -> str:
-    """The format a file's bytes say it is: onnx, pkl, skops, torchscript or pt2."""
+    """The format a file's bytes say it is: onnx, pkl, skops, torchscript, pt2, xgboost,
+    xgboost_ubj or lightgbm."""
     with open(path, "rb") as f:
         head = f.read(8)
     if not head:
@@ -76,8 +81,13 @@ def sniff(path: Path) -> str:
     # ONNX is a protobuf: the first field of ModelProto is ir_version (tag 0x08).
     if head[:1] == b"\x08":
         return "onnx"
+    from optiserve.convert.trees import sniff_tree
+
+    tree = sniff_tree(path)
+    if tree is not None:
+        return tree
     raise ModelLoadError(str(path), "its contents are not an ONNX, pickle, TorchScript, "
-                         "torch.export or skops file", hint=_SUPPORTED)
+                         "torch.export, skops, XGBoost or LightGBM file", hint=_SUPPORTED)
 
 
 def import_file(path: str | Path, *, input_specs: list | None = None) -> Imported:
@@ -100,6 +110,9 @@ def import_file(path: str | Path, *, input_specs: list | None = None) -> Importe
     if fmt == "skops":
         from optiserve.convert.sklearn import import_skops
         return import_skops(path)
+    if fmt in ("xgboost", "xgboost_ubj", "lightgbm"):
+        from optiserve.convert.trees import import_native
+        return import_native(path, fmt)
     from optiserve.convert.torch import import_torch_file
     return import_torch_file(path, fmt, input_specs=input_specs)
 
@@ -113,11 +126,14 @@ def import_object(obj: Any, workdir: Path, *, example_inputs: Any = None) -> Imp
     if module == "torch" or _is_torch_module(obj):
         from optiserve.convert.torch import import_torch_object
         return import_torch_object(obj, workdir, example_inputs=example_inputs)
+    if module in ("xgboost", "lightgbm"):
+        from optiserve.convert.trees import import_tree_object
+        return import_tree_object(obj, workdir)
     if module in ("sklearn", "imblearn") or (hasattr(obj, "fit") and hasattr(obj, "predict")):
         from optiserve.convert.sklearn import import_estimator
         return import_estimator(obj, workdir)
     raise ModelLoadError(repr(type(obj)), "this kind of Python object is not a model optiserve "
-                         "knows", hint="Pass a scikit-learn estimator, a torch nn.Module (with "
+                         "knows", hint="Pass a scikit-learn estimator, an XGBoost/LightGBM model, a torch nn.Module (with "
                          "example_inputs), an ExportedProgram or an onnx.ModelProto.")
 
 

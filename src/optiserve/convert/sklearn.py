@@ -257,6 +257,14 @@ def to_onnx(est: Any, n_features: int, *, dtype: str, opset: int):
     from skl2onnx.common.data_types import DoubleTensorType, FloatTensorType
 
     tensor = DoubleTensorType if dtype == "float64" else FloatTensorType
+    from optiserve.convert.trees import is_tree_wrapper
+
+    if is_tree_wrapper(_final(est)):  # an XGBoost/LightGBM wrapper, e.g. in a pipeline
+        from optiserve.convert.trees import (_booster_of, check_convertible,
+                                             register_wrapper_converters)
+
+        check_convertible(_booster_of(_final(est)))
+        register_wrapper_converters()
     options = {id(_final(est)): {"zipmap": False}} if is_classifier(est) else None
     try:
         return skl2onnx.convert_sklearn(

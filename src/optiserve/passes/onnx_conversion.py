@@ -1,13 +1,17 @@
 """Convert the original model to ONNX and check it with onnx.checker.
 
 Parity with the original (max abs / relative error, label agreement) is measured by the
-pipeline on the validation rows for every candidate, this one included.
+pipeline on the validation rows for every candidate, this one included. XGBoost and LightGBM
+conversions are also checked here against the framework's own predict on the sample rows,
+because their ONNX tree operators compute in float32: the note reports the difference and
+starts with "parity warning:" above convert.trees.PARITY_TOLERANCE.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from optiserve.convert.onnx_io import check, signature_of, write_meta
@@ -25,7 +29,8 @@ class OnnxConversion(Pass):
         opset: int | None = Field(None, ge=7, le=23,
                                   description="ONNX opset; default ONNX_OPSET_VERSION.")
         dtype: Literal["float32", "float64"] = Field(
-            "float32", description="scikit-learn only: tensor type of the converted model. "
+            "float32", description="scikit-learn only (trees are float32): tensor type of the "
+            "converted model. "
             "float64 matches scikit-learn's arithmetic where the ONNX operators allow it.")
         exporter: Literal["auto", "torchscript", "dynamo"] = Field(
             "auto", description="PyTorch only: torch.onnx exporter. auto tries the TorchScript "
@@ -40,6 +45,8 @@ class OnnxConversion(Pass):
         if artifact.format in ("pkl", "skops"):
             from optiserve.convert.sklearn import load_estimator, to_onnx
 
+            from optiserve.convert.trees import is_tree_wrapper
+
             est = load_estimator(artifact.path, artifact.format)
             n = artifact.signature.inputs[0].shape[1]
             proto = to_onnx(est, n, dtype=config.dtype, opset=opset)
@@ -47,6 +54,19 @@ class OnnxConversion(Pass):
                                if k in ("num_heads", "hidden_size", "model_type")})
             out.write_bytes(proto.SerializeToString())
             notes.append(f"skl2onnx, {config.dtype} tensors, opset {opset}")
+            if is_tree_wrapper(_final(est)):
+                notes += _parity(lambda x: _wrapper_predict(est, x), out, ctx)
+        elif artifact.format in ("xgboost", "xgboost_ubj", "lightgbm"):
+            from optiserve.convert import trees
+
+            n = artifact.signature.inputs[0].shape[1]
+            proto, used = trees.to_onnx(artifact.path, artifact.format, n, opset=opset)
+            out.write_bytes(proto.SerializeToString())
+            capped = f" (onnxmltools supports up to {used})" if used < opset else ""
+            notes.append(f"onnxmltools, float32 tensors, opset {used}{capped}")
+            booster = trees.load_booster(artifact.path, artifact.format)
+            ti = trees.info(booster)
+            notes += _parity(lambda x: trees.predict(booster, x, ti, threads=1), out, ctx)
         elif artifact.format in ("torchscript", "pt2"):
             from optiserve.convert.torch import to_onnx
 
@@ -63,3 +83,34 @@ class OnnxConversion(Pass):
             raise ConversionError(f"No ONNX converter for format '{artifact.format}'.")
         model = check(out)
         return artifact.then(out, self.name, config, signature=signature_of(model), notes=notes)
+
+
+_PARITY_ROWS = 10_000
+
+
+def _final(est: Any) -> Any:
+    steps = getattr(est, "steps", None)
+    return _final(steps[-1][1]) if steps else est
+
+
+def _wrapper_predict(est: Any, x: np.ndarray) -> dict[str, np.ndarray]:
+    if hasattr(est, "predict_proba"):
+        return {"label": np.asarray(est.predict(x)), "probabilities": est.predict_proba(x)}
+    pred = np.asarray(est.predict(x))
+    return {"variable": pred.reshape(len(pred), -1)}
+
+
+def _parity(native, path, ctx: PassContext) -> list[str]:
+    """The tree parity note on the run's real rows (calibration, else validation data; else
+    the sample batch), at most _PARITY_ROWS of them; none when the run has no rows."""
+    from optiserve.convert.trees import parity
+    from optiserve.runtimes.onnxruntime import OnnxRuntime
+
+    rows = getattr(ctx.calibration, "inputs", None) or ctx.sample
+    if not rows:
+        return []
+    x = np.asarray(next(iter(rows.values()))[:_PARITY_ROWS], dtype=np.float32)
+    model = check(path)
+    with OnnxRuntime(path, signature_of(model), threads=1, format="onnx") as rt:
+        converted = rt.predict({model.graph.input[0].name: x})
+    return [parity(native(x), converted)]

@@ -22,10 +22,13 @@ RUNTIMES: dict[str, str] = {
     "sklearn": "optiserve.runtimes.sklearn:SklearnRuntime",
     "torch": "optiserve.runtimes.torch:TorchRuntime",
     "openvino": "optiserve.runtimes.openvino:OpenVINORuntime",
+    "xgboost": "optiserve.runtimes.trees:XGBoostRuntime",
+    "lightgbm": "optiserve.runtimes.trees:LightGBMRuntime",
 }
 # artifact format -> runtime that runs it natively
 FORMAT_RUNTIME = {"onnx": "onnxruntime", "pkl": "sklearn", "skops": "sklearn",
-                  "torchscript": "torch", "pt2": "torch", "openvino": "openvino"}
+                  "torchscript": "torch", "pt2": "torch", "openvino": "openvino",
+                  "xgboost": "xgboost", "xgboost_ubj": "xgboost", "lightgbm": "lightgbm"}
 
 
 class Runtime(ABC):
