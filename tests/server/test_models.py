@@ -191,6 +191,21 @@ def test_torch_export_upload_is_refused_it_can_carry_pickles(server, tmp_path):
     assert server.registry.models() == []
 
 
+@pytest.mark.integration
+def test_native_tree_files_are_refused_over_the_network(server, tmp_path, breast_cancer):
+    xgboost = pytest.importorskip("xgboost")
+    lightgbm = pytest.importorskip("lightgbm")
+    x, y = breast_cancer.X_val, breast_cancer.y_val
+    xgboost.XGBClassifier(n_estimators=3).fit(x, y).save_model(tmp_path / "m.json")
+    lightgbm.LGBMClassifier(n_estimators=3, verbose=-1).fit(x, y).booster_.save_model(
+        tmp_path / "m.txt")
+    for name in ("m.json", "m.txt"):
+        r = upload(server.client(), "trees", (tmp_path / name).read_bytes(), name)
+        assert r.status_code == 415, r.text
+        assert "crash" in r.json()["error"] and "ONNX" in r.json()["error"]
+    assert server.registry.models() == []
+
+
 def test_oversized_chunked_upload_without_length_is_413(make_server):
     live = make_server(max_upload_mb=0.001)  # 1 kB
 

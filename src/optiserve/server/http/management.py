@@ -176,6 +176,14 @@ def register_model(
                 "runs any code they contain.", hint="Export to ONNX (torch.onnx.export) or "
                 "TorchScript (torch.jit.trace) and upload that; a .pt2 can be registered from "
                 "a local path with `optiserve register`.")
+        if fmt in ("xgboost", "xgboost_ubj", "lightgbm"):
+            raise UnsupportedUpload(
+                "Native XGBoost/LightGBM files are refused over the network: their tree arrays "
+                "are followed without bounds checks when they predict, so a crafted file can "
+                "crash the server (the reason skops tree files are refused too).",
+                hint="Convert to ONNX (optiserve register + optimize locally, or onnxmltools) "
+                "and upload that; a native file can be registered from a local path with "
+                "`optiserve register`.")
         if path.suffix == "":
             path = path.rename(path.with_suffix(EXTENSIONS[fmt]))
         v = api.register(name, path, registry=registry, inputs=inputs or None,
