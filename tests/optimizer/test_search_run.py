@@ -156,3 +156,13 @@ def test_when_int8_is_slower_fp32_is_kept_and_the_note_says_why(sqlite_registry,
     assert "1.000 ms at batch 1, 10.000 ms at batch 64" in why
     assert f"INT8 does not pay off here: the fastest passing INT8 candidate, {pc}, took " \
            "1.200 ms, 12.000 ms" in why
+
+
+def test_a_batch_size_where_the_original_is_faster_is_said(sqlite_registry, mlp, knob):
+    result = _run(sqlite_registry, {"optimizations": ["knob"], "batch_sizes": [1, 1000],
+                                    "pass_configs": {"knob": {"speed": "fast"}}},
+                  latencies={"original": {1: 2.0, 1000: 3.0}, _k("fast", 1): {1: 1.0, 1000: 6.0}})
+    why = next(n for n in result.notes if n.startswith("chosen: "))
+    assert "The original (onnxruntime) is faster at batch 1000 (3.000 vs 6.000 ms): no " \
+           "candidate beats it there" in why
+    assert "batch 1 (" not in why

@@ -362,6 +362,12 @@ def _why(chosen: Candidate, measured: list[Candidate], original: Candidate,
                  f"{best.artifact.label}, took {took}" if mine != "INT8" else
                  f". INT8 pays off here: the fastest passing {_precision(best)} candidate, "
                  f"{best.artifact.label}, took {took}")
+    beaten = [b for b in sizes if original.latency[b].p50_ms < chosen.latency[b].p50_ms]
+    if beaten:  # never claim a speedup the measurement does not show
+        text += (f". The original ({original.runtime}) is faster at batch "
+                 + ", ".join(f"{b} ({original.latency[b].p50_ms:.3f} vs "
+                             f"{chosen.latency[b].p50_ms:.3f} ms)" for b in beaten)
+                 + ": no candidate beats it there")
     others = {b: c for b, c in fastest.items() if c is not chosen}
     for b, c in others.items():
         text += (f". At batch {b} {c.artifact.label} is faster ({c.latency[b].p50_ms:.3f} ms) "
