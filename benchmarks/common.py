@@ -212,3 +212,23 @@ def print_kv(console, title: str, rows: dict[str, Any]) -> None:
     for k, v in rows.items():
         t.add_row(str(k), str(v))
     console.print(t)
+
+
+def merge_results(previous: dict | None, fresh: dict[str, dict]) -> dict[str, dict]:
+    """A partial run's rows merged into the results of earlier runs: rows measured now replace
+    theirs, the others are kept and marked `earlier_run`, and a variant that failed now drops
+    its earlier row (an old number must not stand for code that no longer runs)."""
+    out = {m: dict(e) for m, e in ((previous or {}).get("models") or {}).items()}
+    for entry in out.values():
+        for row in entry.get("variants", {}).values():
+            row["earlier_run"] = True
+    for model, entry in fresh.items():
+        old = out.get(model, {})
+        merged = {**old, **{k: v for k, v in entry.items() if k not in ("variants", "errors")}}
+        merged["variants"] = {**old.get("variants", {}), **entry["variants"]}
+        merged["errors"] = {**{k: e for k, e in old.get("errors", {}).items()
+                               if k not in entry["variants"]}, **entry["errors"]}
+        for v in entry["errors"]:  # a failure now voids an earlier row of the same variant
+            merged["variants"].pop(v, None)
+        out[model] = merged
+    return out

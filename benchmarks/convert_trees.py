@@ -246,22 +246,6 @@ def run_model(model: str, variants: list[str], a, workdir: Path, console) -> dic
     return entry
 
 
-def merge(previous: dict | None, fresh: dict[str, dict]) -> dict[str, dict]:
-    """Rows measured now replace those of earlier runs; the others are kept, marked earlier."""
-    out = {m: dict(e) for m, e in ((previous or {}).get("models") or {}).items()}
-    for entry in out.values():
-        for row in entry.get("variants", {}).values():
-            row["earlier_run"] = True
-    for model, entry in fresh.items():
-        old = out.get(model, {})
-        merged = {**old, **{k: v for k, v in entry.items() if k not in ("variants", "errors")}}
-        merged["variants"] = {**old.get("variants", {}), **entry["variants"]}
-        merged["errors"] = {**{k: e for k, e in old.get("errors", {}).items()
-                               if k not in entry["variants"]}, **entry["errors"]}
-        for v in entry["errors"]:  # a failure now voids an earlier row of the same variant
-            merged["variants"].pop(v, None)
-        out[model] = merged
-    return out
 
 
 # -- report ----------------------------------------------------------------------------
@@ -405,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     out_json = a.results / "convert_trees.json"
     previous = None if a.no_merge or not out_json.exists() else json.loads(out_json.read_text())
-    data = merge(previous, fresh)
+    data = common.merge_results(previous, fresh)
     checks = report(data, console)
     total_s = time.perf_counter() - t_all
     common.write_json(out_json, {

@@ -89,20 +89,6 @@ def run_model(model: str, variants: list[str], a, workdir: Path, console) -> dic
     return entry
 
 
-def merge(previous: dict | None, fresh: dict[str, dict]) -> dict[str, dict]:
-    """Rows measured now replace those of earlier runs; the others are kept, marked earlier."""
-    out = {m: dict(e) for m, e in ((previous or {}).get("models") or {}).items()}
-    for entry in out.values():
-        for row in entry.get("variants", {}).values():
-            row["earlier_run"] = True
-    for model, entry in fresh.items():
-        old = out.get(model, {})
-        merged = {**old, **{k: v for k, v in entry.items() if k != "variants"}}
-        merged["variants"] = {**old.get("variants", {}), **entry["variants"]}
-        if "optiserve_auto" in entry["errors"]:  # a failed optimize voids an earlier row
-            merged["variants"].pop("optiserve_auto", None)
-        out[model] = merged
-    return out
 
 
 def _stage_main(a) -> int:
@@ -199,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out_json = a.results / "optimize_precision.json"
     previous = None if a.no_merge or not out_json.exists() else json.loads(out_json.read_text())
-    data = merge(previous, fresh)
+    data = common.merge_results(previous, fresh)
     for model in MODELS:
         if model in data:
             report.print_model(console, model, data[model])
