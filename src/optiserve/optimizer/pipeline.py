@@ -177,8 +177,8 @@ class Optimizer:
     def planned(self) -> int:
         """About how many candidates the run will measure (for progress), once prepared."""
         frontier, made = 1, 1
-        for name in self.plans:
-            n = len(self.plans.get(name, [None]))
+        for name, plan in self.plans.items():
+            n = len(plan)
             if get_pass(name).branches:
                 made += n * made
             else:
@@ -349,7 +349,7 @@ def _why(chosen: Candidate, measured: list[Candidate], original: Candidate,
     sizes = list(chosen.latency)
     text = (f"chosen: {chosen.artifact.label} ({chosen.runtime}), p50 "
             + ", ".join(f"{chosen.latency[b].p50_ms:.3f} ms at batch {b}" for b in sizes)
-            + f"; the original: " + ", ".join(f"{original.latency[b].p50_ms:.3f} ms"
+            + "; the original: " + ", ".join(f"{original.latency[b].p50_ms:.3f} ms"
                                               for b in sizes))
     # the other precision's best, for contrast: the choice between FP32 and INT8 is measured
     mine = _precision(chosen)

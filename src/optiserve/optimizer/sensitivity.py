@@ -27,15 +27,21 @@ def rank_layers(fp32: Path, lossy: Path, rows: dict[str, np.ndarray],
     """(node name, own error) of the FP32 graph's compute nodes, worst first."""
     model, quant = onnx.load(str(fp32)), onnx.load(str(lossy))
     nodes = [n for n in model.graph.node if n.op_type in COMPUTE and n.name][:limit * 4]
-    produced = {o for n in model.graph.node for o in n.output}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    readers: dict[str, list] = {}
+    for n in model.graph.node:
+        for t in n.input:
+            readers.setdefault(t, []).append(n)
+    written = {o for n in quant.graph.node for o in n.output}
     pairs = {}  # FP32 tensor -> (tensor compared in FP32, twin in the lossy graph)
-    for t in {t for n in nodes for t in (*n.output[:1], *n.input[:1]) if t in produced}:
-        twin = _twin(t, model, quant)
+    for t in {t for n in nodes for t in (*n.output[:1], *n.input[:1]) if t in producer}:
+        twin = _twin(t, producer, readers.get(t, []), written)
         if twin is not None:
             pairs[t] = twin
     ref = _run(model, sorted({a for a, _ in pairs.values()}), rows)
     got = _run(quant, sorted({b for _, b in pairs.values()}), rows)
-    scales = {i.name: onnx.numpy_helper.to_array(i) for i in quant.graph.initializer}
+    scales = {i.name: onnx.numpy_helper.to_array(i) for i in quant.graph.initializer
+              if i.name.endswith(("_scale", "_zero_point"))}
     error = {}
     for t, (a, b) in pairs.items():
         if a in ref and b in got:
@@ -51,21 +57,22 @@ def rank_layers(fp32: Path, lossy: Path, rows: dict[str, np.ndarray],
     return ranked[:limit]
 
 
-def _twin(t: str, model: onnx.ModelProto, quant: onnx.ModelProto) -> tuple[str, str] | None:
-    """Where FP32 tensor `t` lives in the lossy graph. ONNX Runtime's quantizers keep most
-    names; in a QDQ graph readers see `t_DequantizeLinear_Output` (a Relu after a layer is
-    folded into the QuantizeLinear, so `t` itself is the value before it), a QDQ graph renames a tensor that feeds a graph output (`t_QuantizeLinear_Input`)
-    and folds a lone Relu/Clip after a layer into it (the layer writes the Relu's output:
-    compare after the activation on both sides), and QOperator writes `t_quantized` (uint8),
-    folding a Relu into the quantized range of its input."""
-    written = {o for n in quant.graph.node for o in n.output}
-    if f"{t}_DequantizeLinear_Output" in written:  # QDQ: the value its readers see
+def _twin(t: str, producer: dict, readers: list, written: set[str]) -> tuple[str, str] | None:
+    """Where FP32 tensor `t` lives in the lossy graph, as (tensor compared in FP32, its twin).
+
+    ONNX Runtime's quantizers keep most names, but:
+    - in a QDQ graph, readers see `t_DequantizeLinear_Output`: a Relu after a layer is folded
+      into the QuantizeLinear, so `t` itself is the value before it;
+    - a QDQ graph renames a tensor that feeds a graph output (`t_QuantizeLinear_Input`) and may
+      fold a lone Relu/Clip after a layer into it (compare after the activation, both sides);
+    - QOperator writes `t_quantized` (uint8), folding a Relu into the quantized range of the
+      Relu's input."""
+    if f"{t}_DequantizeLinear_Output" in written:
         return t, f"{t}_DequantizeLinear_Output"
     if t in written:
         return t, t
     if f"{t}_QuantizeLinear_Input" in written:
         return t, f"{t}_QuantizeLinear_Input"
-    readers = [n for n in model.graph.node if t in n.input]
     if len(readers) == 1 and readers[0].op_type in ("Relu", "Clip"):
         after = readers[0].output[0]
         for name in (after, f"{after}_QuantizeLinear_Input"):
@@ -73,10 +80,10 @@ def _twin(t: str, model: onnx.ModelProto, quant: onnx.ModelProto) -> tuple[str, 
                 return after, name
     if f"{t}_quantized" in written:
         return t, f"{t}_quantized"
-    producer = next((n for n in model.graph.node if t in n.output), None)
-    if producer is not None and producer.op_type in ("Relu", "Clip") \
-            and f"{producer.input[0]}_quantized" in written:  # QOperator folded the Relu away
-        return t, f"{producer.input[0]}_quantized"
+    made_by = producer.get(t)
+    if made_by is not None and made_by.op_type in ("Relu", "Clip") \
+            and f"{made_by.input[0]}_quantized" in written:
+        return t, f"{made_by.input[0]}_quantized"
     return None
 
 

@@ -57,8 +57,8 @@ class CandidateTree:
                 if self.out_of_time():
                     return
                 if cls.needs_onnx and node.format != "onnx":
-                    skipped.append(f"{name} skipped on {node.label}: it works on ONNX, not "
-                                   f"{node.format}; put onnx_conversion before it")
+                    skipped.append((node.label, f"it works on ONNX, not {node.format}; put "
+                                                "onnx_conversion before it"))
                     children = []
                 else:
                     children = yield from self._apply(cls, node, step, skipped)
@@ -66,16 +66,18 @@ class CandidateTree:
                 made += children
             if not cls.branches:
                 frontier = nxt
-            # a branching pass skips the nodes it cannot read: say so only if it made nothing,
-            # and once per reason (not once per node)
-            if cls.branches and len(made) == made_before:
-                skipped = [f"{name} skipped: {why}" for why in
-                           dict.fromkeys(t.split(": ", 1)[-1] for t in skipped)]
-            for text in (skipped if not cls.branches or len(made) == made_before else []):
-                self.note(text)
+            if not cls.branches:
+                for label, why in skipped:
+                    self.note(f"{name} skipped on {label}: {why}")
+            elif len(made) == made_before:
+                # a branching pass skips the nodes it cannot read: say so only if it made
+                # nothing, and once per reason (not once per node)
+                for why in dict.fromkeys(why for _, why in skipped):
+                    self.note(f"{name} skipped: {why}")
 
     # -- one pass on one node, with its retries ------------------------------------------
-    def _apply(self, cls: type[Pass], node: Artifact, step: int, skipped: list[str]):
+    def _apply(self, cls: type[Pass], node: Artifact, step: int,
+               skipped: list[tuple[str, str]]):
         children: list[Artifact] = []
         queue, tried = list(self.plans[cls.name]), set()
         while queue and not self.out_of_time():
@@ -117,7 +119,7 @@ class CandidateTree:
                 self.note(f"could not rank layers of {best.artifact.label}: {exc}")
                 continue
             config = self._config_of(cls, best.artifact)
-            already = list(config.nodes_to_exclude)
+            already, errors = list(config.nodes_to_exclude), dict(ranked)
             for k in EXCLUDE_ROUNDS:
                 worst = [name for name, _ in ranked if name not in already][:k]
                 if len(worst) < k or self.out_of_time():
@@ -126,7 +128,6 @@ class CandidateTree:
                 child = self._make(cls, node, retry, step, skipped)
                 if child is None:
                     break
-                errors = dict(ranked)
                 child.notes.append(
                     f"retry after the gate failed: left in FP32 the {k} layer(s) with the "
                     "largest error against FP32: "
@@ -140,23 +141,24 @@ class CandidateTree:
                     break
 
     def _make(self, cls: type[Pass], node: Artifact, config: BaseModel, step: int,
-              skipped: list[str]) -> Artifact | None:
+              skipped: list[tuple[str, str]]) -> Artifact | None:
+        """The child `cls` makes of `node`, or None: a skip goes into `skipped` as (where,
+        why); a failure is noted; a ConfigError (the request's own mistake) stops the run."""
         self.progress(f"{cls.name} on {node.label}", 0)
         self.made += 1
         wd = self.workdir / f"{step}-{self.made}"
         wd.mkdir(parents=True)
         try:
             return cls().run(node, config, PassContext(workdir=wd, **self.context))
-        except PassSkipped as skip:
-            skipped.append(f"{cls.name} skipped on {node.label}: {skip}")
-        except MissingExtraError as exc:  # the run goes on with the passes that can run
-            skipped.append(f"{cls.name} skipped: {exc}")
+        except (PassSkipped, MissingExtraError) as skip:  # the run goes on with the others
+            skipped.append((node.label, str(skip)))
         except ConfigError:
-            raise  # the request's own mistake: the whole run stops and says so
+            raise
         except Exception as exc:  # one failing candidate must not cost the others
             log.debug("pass %s failed on %s", cls.name, node.label, exc_info=True)
-            self.note(f"{cls.name} failed on {node.label} with {config.model_dump(exclude_defaults=True)}"
-                      f": {type(exc).__name__}: {first_line(exc)}; the run went on without it")
+            options = config.model_dump(exclude_defaults=True)
+            self.note(f"{cls.name} failed on {node.label} with {options}: "
+                      f"{type(exc).__name__}: {first_line(exc)}; the run went on without it")
         return None
 
     # -- helpers -------------------------------------------------------------------------
