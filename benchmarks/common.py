@@ -232,3 +232,12 @@ def merge_results(previous: dict | None, fresh: dict[str, dict]) -> dict[str, di
             merged["variants"].pop(v, None)
         out[model] = merged
     return out
+
+
+def pick_names(text: str, known, what: str) -> list[str]:
+    """The comma-separated names of a --models/--variants option, each one of `known`."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in known]
+    if bad or not names:
+        raise SystemExit(f"unknown {what} {bad}; choose from {', '.join(known)}")
+    return names

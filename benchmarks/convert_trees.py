@@ -335,14 +335,6 @@ def make_chart(models: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _names(text: str, known, what: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    bad = [n for n in names if n not in known]
-    if bad or not names:
-        raise SystemExit(f"unknown {what} {bad}; choose from {', '.join(known)}")
-    return names
-
-
 def parse(argv: list[str] | None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset")
@@ -377,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from rich.console import Console
 
-    models, variants = _names(a.models, MODELS, "model"), _names(a.variants, VARIANTS, "variant")
+    models = common.pick_names(a.models, MODELS, "model")
+    variants = common.pick_names(a.variants, VARIANTS, "variant")
     console = Console(width=160)
     t_all = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="optiserve-bench-trees-"))

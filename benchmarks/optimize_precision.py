@@ -110,14 +110,6 @@ def _stage_main(a) -> int:
     return 0
 
 
-def _names(text: str, known: dict, what: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    bad = [n for n in names if n not in known]
-    if bad or not names:
-        raise SystemExit(f"unknown {what} {bad}; choose from {', '.join(known)}")
-    return names
-
-
 def parse(argv: list[str] | None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS), help=f"of {', '.join(MODELS)}")
@@ -163,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         return _stage_main(a)
     from rich.console import Console
 
-    models = _names(a.models, MODELS, "models")
-    variants = _names(a.variants, VARIANTS, "variants")
+    models = common.pick_names(a.models, MODELS, "models")
+    variants = common.pick_names(a.variants, VARIANTS, "variants")
     console = Console(width=200)
     workdir = Path(tempfile.mkdtemp(prefix="optiserve-bench-precision-"))
     console.print(f"[bold]work folder[/] {workdir}   [bold]cache[/] {a.cache_dir}")
