@@ -53,15 +53,7 @@ def cnn(digits8):
         nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
         nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-    opt = torch.optim.Adam(net.parameters(), 3e-3)
-    xs, ys = torch.from_numpy(digits8.x_train), torch.from_numpy(digits8.y_train)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(15):
-        for idx in torch.randperm(len(xs), generator=gen).split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(net(xs[idx]), ys[idx]).backward()
-            opt.step()
-    return net.eval()
+    return _trained(net, digits8, epochs=15)
 
 
 def _register(obj, workdir: Path, example=None) -> Artifact:
@@ -265,6 +257,19 @@ class BasicBlock(nn.Module):
         return torch.relu(y + (x if self.down is None else self.down(x)))
 
 
+def _trained(net, digits8, *, epochs: int):
+    """`net` trained with Adam on the 8x8 digits for `epochs`, in eval mode."""
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    xs, ys = torch.from_numpy(digits8.x_train), torch.from_numpy(digits8.y_train)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(xs), generator=gen).split(64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(xs[idx]), ys[idx]).backward()
+            opt.step()
+    return net.eval()
+
+
 @pytest.fixture(scope="module")
 def resnet(digits8):
     """Stem, an identity block and a downsampling block, pool, Linear: 6 convs, 2 residual
@@ -273,15 +278,7 @@ def resnet(digits8):
     net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
                         BasicBlock(8, 8, 1), BasicBlock(8, 16, 2), nn.AdaptiveAvgPool2d(1),
                         nn.Flatten(), nn.Linear(16, 10))
-    opt = torch.optim.Adam(net.parameters(), 3e-3)
-    xs, ys = torch.from_numpy(digits8.x_train), torch.from_numpy(digits8.y_train)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(4):
-        for idx in torch.randperm(len(xs), generator=gen).split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(net(xs[idx]), ys[idx]).backward()
-            opt.step()
-    return net.eval()
+    return _trained(net, digits8, epochs=4)
 
 
 def test_residual_cnn_loads_in_onnx_runtime_with_integer_convs_and_adds(tmp_path, settings,
