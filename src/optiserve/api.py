@@ -14,6 +14,7 @@ from optiserve.convert.detect import EXTENSIONS, import_file, import_object
 from optiserve.convert.torch import example_arrays
 from optiserve.core.errors import ConfigError
 from optiserve.data.sources import DatasetSpec, load
+from optiserve.export import ExportResult, export_version
 from optiserve.optimizer.pipeline import Progress
 from optiserve.optimizer.pipeline import optimize as _optimize
 from optiserve.optimizer.report import OptimizationResult
@@ -43,6 +44,35 @@ def register(name: str, model: Any, *, registry: Registry | None = None,
         return registry.add_version(name, imported.path, framework=imported.framework,
                                     format=imported.format, signature=imported.signature,
                                     meta=meta, suffix=EXTENSIONS[imported.format])
+
+
+def export(model: Any, format: str, *, name: str | None = None,
+           options: dict[str, Any] | None = None, data: DatasetSpec | dict | None = None,
+           output: str | Path | None = None, batch_sizes: tuple[int, ...] = (1, 32),
+           iterations: int = 200, example_inputs: Any = None,
+           registry: Registry | None = None, progress=None) -> ExportResult:
+    """Export a model to a deployment format (torchscript, tflite, ort, openvino).
+
+    `model` is a registered reference ('name' or 'name:N') or an in-memory model, which is
+    registered first under `name` (an nn.Module needs `example_inputs`; TorchScript export can
+    then script it with options={'mode': 'script'}). The export is verified against its source
+    on `data` (else synthetic rows), timed, and registered as the next version with the source
+    as its parent; `output` also writes its files to a folder.
+    """
+    registry = registry or Registry()
+    obj = None
+    if isinstance(model, str):
+        ref = model
+    else:
+        if not name:
+            raise ConfigError("Exporting an in-memory model needs name=: it is registered "
+                              "first, and the export becomes its next version.")
+        obj = None if isinstance(model, (str, Path)) else model
+        ref = register(name, model, registry=registry, example_inputs=example_inputs).ref
+    spec = data if data is None or isinstance(data, DatasetSpec) else DatasetSpec(**data)
+    return export_version(registry, ref, format, options=options, data=spec, output=output,
+                          batch_sizes=tuple(batch_sizes), iterations=iterations, obj=obj,
+                          progress=progress)
 
 
 def parse_request(body: dict[str, Any] | OptimizeRequest) -> OptimizeRequest:

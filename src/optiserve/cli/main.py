@@ -201,6 +201,47 @@ def benchmark(
         render.benchmark(console, res)
 
 
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="MODEL or MODEL:VERSION."),
+    format: str = typer.Option(..., "--format", "-f",
+                               help="torchscript, tflite, ort (ONNX Runtime mobile) or "
+                               "openvino (IR .xml/.bin)."),
+    option: list[str] = typer.Option(None, "--option", "-O", help="OPTION=VALUE (JSON value) "
+                                     "of the format, e.g. quantization=int8 (tflite)."),
+    data: Optional[str] = typer.Option(None, help="Rows to verify (and calibrate) on: CSV, "
+                                       "Parquet or NPZ; default: synthetic rows."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o",
+                                          help="Also write the exported files to this folder."),
+    batch_sizes: str = typer.Option("1,32", help="Batch sizes to time source and export at."),
+    iterations: int = typer.Option(200, help="Timed calls per batch size."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """Export a version to a deployment format: verified against it, timed, registered."""
+    from optiserve.api import export as api_export
+    from optiserve.data.sources import parse_spec
+
+    options: dict = {}
+    for item in option or []:
+        key, eq, value = item.partition("=")
+        if not (eq and key):
+            raise OptiserveError(f"--option {item!r} is not OPTION=VALUE.")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    spec = parse_spec(sql=None, path=data, label=None, data_source=None) if data else None
+    with progress_bar(f"exporting {model} to {format}") as update:
+        res = api_export(model, format, options=options, data=spec, output=output,
+                         batch_sizes=tuple(_ints(batch_sizes, "--batch-sizes")),
+                         iterations=iterations, registry=_registry(),
+                         progress=lambda stage: update(stage, 0))
+    if as_json:
+        print(json.dumps(res.as_dict(), indent=2))
+    else:
+        render.export(console, res)
+
+
 @models_app.command("list")
 def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
     """Every model with its latest ready version."""

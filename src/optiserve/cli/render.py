@@ -82,6 +82,39 @@ def benchmark(console: Console, res: dict[str, Any]) -> None:
     console.print(t)
 
 
+def export(console: Console, res) -> None:
+    v, src = res.version, res.source
+    console.print(f"registered [bold]{v.ref}[/] ({v.format}, {v.size_mb:.3f} MB) from "
+                  f"{src.ref} ({src.format}, {src.size_mb:.3f} MB)")
+    ver = res.verification
+    t = Table(title=f"verified on {ver['rows']}: {ver['tolerance']}", title_justify="left")
+    for col in ("output", "max abs error", "mean cosine", "arg-max agreement"):
+        t.add_column(col, justify="right" if col != "output" else "left")
+    for name, s in ver["outputs"].items():
+        if "agreement" in s:
+            t.add_row(name, "", "", f"{s['agreement']:.2%} (labels)")
+            continue
+        agree = s.get("argmax_agreement")
+        t.add_row(name, f"{s.get('max_abs_error', float('nan')):.3g}",
+                  f"{s.get('mean_cosine', float('nan')):.6f}",
+                  f"{agree:.2%}" if agree is not None else "")
+    console.print(t)
+    src_lat, exp_lat = res.latency.get("source", {}), res.latency.get("export", {})
+    t = Table(title=f"p50 latency (ms): {src.format} in its runtime vs {v.format} in its own",
+              title_justify="left")
+    for col in ("batch", src.format, v.format, "speedup"):
+        t.add_column(col, justify="right")
+    for bs, lat in exp_lat.items():
+        before = src_lat.get(bs)
+        t.add_row(str(bs), f"{before.p50_ms:.4f}" if before else "", f"{lat.p50_ms:.4f}",
+                  f"{before.p50_ms / lat.p50_ms:.2f}x" if before else "")
+    console.print(t)
+    for note in res.notes:
+        console.print(f"[dim]note: {note}[/]")
+    for f in res.files:
+        console.print(f"wrote {f}")
+
+
 def models(console: Console, infos) -> None:
     t = Table(title="models", title_justify="left")
     for col in ("model", "versions", "latest", "format", "MB", "lineage", "metrics"):

@@ -24,11 +24,16 @@ RUNTIMES: dict[str, str] = {
     "openvino": "optiserve.runtimes.openvino:OpenVINORuntime",
     "xgboost": "optiserve.runtimes.trees:XGBoostRuntime",
     "lightgbm": "optiserve.runtimes.trees:LightGBMRuntime",
+    "tensorflow": "optiserve.runtimes.tensorflow:TensorFlowRuntime",
+    "litert": "optiserve.runtimes.litert:LiteRTRuntime",
 }
 # artifact format -> runtime that runs it natively
 FORMAT_RUNTIME = {"onnx": "onnxruntime", "pkl": "sklearn", "skops": "sklearn",
                   "torchscript": "torch", "pt2": "torch", "openvino": "openvino",
-                  "xgboost": "xgboost", "xgboost_ubj": "xgboost", "lightgbm": "lightgbm"}
+                  "xgboost": "xgboost", "xgboost_ubj": "xgboost", "lightgbm": "lightgbm",
+                  "keras": "tensorflow", "savedmodel": "tensorflow", "tflite": "litert",
+                  # ONNX Runtime's mobile format (.ort) runs in the same runtime
+                  "ort": "onnxruntime"}
 
 
 class Runtime(ABC):

@@ -80,7 +80,8 @@ class OnnxRuntime(Runtime):
         """Providers and their options: the constructor's, else the model file's metadata."""
         providers, options = self.providers, dict(self.provider_options)
         if providers is None:
-            meta = read_file_meta(self.path)
+            # an .ort file (ONNX Runtime's mobile format) is a flatbuffer with no such metadata
+            meta = read_file_meta(self.path) if self.format != "ort" else {}
             chain = meta.get("execution_provider", "cpu")
             if chain not in CHAINS:
                 raise ModelLoadError(str(self.path), f"its metadata asks for execution provider "
