@@ -48,7 +48,8 @@ def register(name: str, model: Any, *, registry: Registry | None = None,
 
 def export(model: Any, format: str, *, name: str | None = None,
            options: dict[str, Any] | None = None, data: DatasetSpec | dict | None = None,
-           output: str | Path | None = None, batch_sizes: tuple[int, ...] = (1, 32),
+           calibration: DatasetSpec | dict | None = None,
+           tolerance: dict[str, float] | None = None, output: str | Path | None = None, batch_sizes: tuple[int, ...] = (1, 32),
            iterations: int = 200, example_inputs: Any = None,
            registry: Registry | None = None, progress=None) -> ExportResult:
     """Export a model to a deployment format (torchscript, tflite, ort, openvino).
@@ -56,8 +57,10 @@ def export(model: Any, format: str, *, name: str | None = None,
     `model` is a registered reference ('name' or 'name:N') or an in-memory model, which is
     registered first under `name` (an nn.Module needs `example_inputs`; TorchScript export can
     then script it with options={'mode': 'script'}). The export is verified against its source
-    on `data` (else synthetic rows), timed, and registered as the next version with the source
-    as its parent; `output` also writes its files to a folder.
+    on `data` (else synthetic rows) within the format's tolerance (or `tolerance`: atol, rtol,
+    min_cosine, min_label_agreement), timed, and registered as the next version with the source
+    as its parent. Formats that quantize calibrate on `calibration` (default: `data`);
+    `output` also writes the files to a folder.
     """
     registry = registry or Registry()
     obj = None
@@ -69,10 +72,14 @@ def export(model: Any, format: str, *, name: str | None = None,
                               "first, and the export becomes its next version.")
         obj = None if isinstance(model, (str, Path)) else model
         ref = register(name, model, registry=registry, example_inputs=example_inputs).ref
-    spec = data if data is None or isinstance(data, DatasetSpec) else DatasetSpec(**data)
-    return export_version(registry, ref, format, options=options, data=spec, output=output,
+    return export_version(registry, ref, format, options=options, data=_spec(data),
+                          calibration=_spec(calibration), tolerance=tolerance, output=output,
                           batch_sizes=tuple(batch_sizes), iterations=iterations, obj=obj,
                           progress=progress)
+
+
+def _spec(data: DatasetSpec | dict | None) -> DatasetSpec | None:
+    return data if data is None or isinstance(data, DatasetSpec) else DatasetSpec(**data)
 
 
 def parse_request(body: dict[str, Any] | OptimizeRequest) -> OptimizeRequest:

@@ -200,6 +200,23 @@ def test_an_export_outside_its_tolerance_is_refused_and_not_stored(sqlite_regist
     assert len(sqlite_registry.versions("cnn")) == 1
 
 
+def test_calibration_rows_apart_from_check_rows_and_a_caller_tolerance(sqlite_registry, cnn,
+                                                                       digits, tmp_path):
+    api.register("cnn", cnn, example_inputs=(torch.randn(2, 1, 8, 8),), registry=sqlite_registry)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=digits.X_train[:200].reshape(-1, 1, 8, 8))
+    res = api.export("cnn", "openvino", options={"int8": "static"},
+                     data=_digits_npz(tmp_path, digits),
+                     calibration={"source": "file", "path": str(calib)},
+                     tolerance={"min_cosine": 0.9, "min_label_agreement": 0.8},
+                     registry=sqlite_registry, **FAST)
+    assert "calibrated on 100 rows of 200 rows of calib" in " ".join(res.notes)
+    assert res.verification["rows"].startswith("397 rows of")
+    assert res.verification["tolerance"] == "mean cosine >= 0.9, arg-max agreement >= 80%"
+    with pytest.raises(ConfigError, match="Unknown tolerance 'cosine'"):
+        api.export("cnn:1", "ort", tolerance={"cosine": 0.9}, registry=sqlite_registry)
+
+
 def test_outputs_are_paired_by_position_when_names_differ():
     """Converters rename outputs (TFLite's StatefulPartitionedCall:0): pairs go by position."""
     from optiserve.export import _pair
@@ -232,7 +249,8 @@ def test_cli_export_writes_files_and_json(tmp_path, optiserve_home, logreg):
 @pytest.mark.parametrize("args, says", [
     (["--format", "coreml"], "Unknown export format 'coreml'"),
     (["--format", "torchscript"], "the torchscript export is made from"),
-    (["--format", "ort", "-O", "nonsense"], "is not OPTION=VALUE"),
+    (["--format", "ort", "-O", "nonsense"], "is not NAME=VALUE"),
+    (["--format", "ort", "--tolerance", "max_error=1"], "Unknown tolerance 'max_error'"),
 ])
 def test_cli_export_mistakes_are_one_line(tmp_path, optiserve_home, logreg, args, says):
     import pickle

@@ -111,8 +111,8 @@ def test_int8_has_integer_io_tensors_behind_a_float_api(digits_cnn, tmp_path):
     assert scale == pytest.approx(1 / 255, rel=0.01) and zero_point == -128
     assert out["quantization"][0] > 0
     assert exported.meta["tflite"]["quantized_tensors"]["pixels"]["dtype"] == "int8"
-    assert "full-integer INT8 with int8 input/output, calibrated on 100 of the check rows " \
-           "(100 rows of sklearn digits)" in exported.notes[0]
+    assert "full-integer INT8 with int8 input/output, calibrated on 100 rows of the check " \
+           "rows, 100 rows of sklearn digits" in exported.notes[0]
     with LiteRTRuntime(exported.path, exported.signature, threads=1, format="tflite") as rt:
         got = rt.predict({"pixels": digits_cnn.check[:5].astype(np.float64)})
     assert got["output"].dtype == np.float32
@@ -124,7 +124,7 @@ def test_int8_calibrates_on_the_rows_it_is_given(digits_cnn, tmp_path):
                        quantization="int8", representative_rows=20)
     scale = exported.meta["tflite"]["quantized_tensors"]["pixels"]["scale"]
     assert scale == pytest.approx(4 / 255, rel=0.01)
-    assert "calibrated on 20 of the check rows" in exported.notes[0]
+    assert "calibrated on 20 rows of the check rows" in exported.notes[0]
 
     source = _source(digits_cnn, tmp_path, digits_cnn.calibration[:10],
                      described="10 synthetic rows (normal floats)")

@@ -209,8 +209,13 @@ def export(
                                "openvino (IR .xml/.bin)."),
     option: list[str] = typer.Option(None, "--option", "-O", help="OPTION=VALUE (JSON value) "
                                      "of the format, e.g. quantization=int8 (tflite)."),
-    data: Optional[str] = typer.Option(None, help="Rows to verify (and calibrate) on: CSV, "
-                                       "Parquet or NPZ; default: synthetic rows."),
+    data: Optional[str] = typer.Option(None, help="Rows to verify on: CSV, Parquet or NPZ; "
+                                       "default: synthetic rows."),
+    calibration: Optional[str] = typer.Option(None, help="Rows to calibrate INT8 on "
+                                              "(default: the --data rows)."),
+    tolerance: list[str] = typer.Option(None, "--tolerance", help="NAME=VALUE replacing the "
+                                        "format's check: atol, rtol, min_cosine, "
+                                        "min_label_agreement."),
     output: Optional[Path] = typer.Option(None, "--output", "-o",
                                           help="Also write the exported files to this folder."),
     batch_sizes: str = typer.Option("1,32", help="Batch sizes to time source and export at."),
@@ -221,18 +226,13 @@ def export(
     from optiserve.api import export as api_export
     from optiserve.data.sources import parse_spec
 
-    options: dict = {}
-    for item in option or []:
-        key, eq, value = item.partition("=")
-        if not (eq and key):
-            raise OptiserveError(f"--option {item!r} is not OPTION=VALUE.")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    spec = parse_spec(sql=None, path=data, label=None, data_source=None) if data else None
+    def spec(path):
+        return parse_spec(sql=None, path=path, label=None, data_source=None) if path else None
+
     with progress_bar(f"exporting {model} to {format}") as update:
-        res = api_export(model, format, options=options, data=spec, output=output,
+        res = api_export(model, format, options=_assignments(option, "--option"),
+                         data=spec(data), calibration=spec(calibration),
+                         tolerance=_assignments(tolerance, "--tolerance"), output=output,
                          batch_sizes=tuple(_ints(batch_sizes, "--batch-sizes")),
                          iterations=iterations, registry=_registry(),
                          progress=lambda stage: update(stage, 0))
@@ -240,6 +240,20 @@ def export(
         print(json.dumps(res.as_dict(), indent=2))
     else:
         render.export(console, res)
+
+
+def _assignments(items: list[str] | None, flag: str) -> dict:
+    """NAME=VALUE pairs, each value read as JSON when it is JSON."""
+    out: dict = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not (eq and key):
+            raise OptiserveError(f"{flag} {item!r} is not NAME=VALUE.")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 @models_app.command("list")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,13 +79,16 @@ def reachable(format: str) -> list[str]:
 
 def export_version(registry: Registry, ref: str, format: str, *,
                    options: dict[str, Any] | None = None, data: DatasetSpec | None = None,
-                   output: str | Path | None = None, batch_sizes: tuple[int, ...] = (1, 32),
+                   calibration: DatasetSpec | None = None,
+                   tolerance: dict[str, Any] | None = None, output: str | Path | None = None, batch_sizes: tuple[int, ...] = (1, 32),
                    iterations: int = 200, obj: Any = None, progress=None) -> ExportResult:
     """Export version `ref` ('name' or 'name:N') to `format`; see the module docstring.
 
-    `data` gives the check rows (and the calibration rows of formats that quantize); without
-    it, synthetic rows built from the signature are used and the notes say so. `output` is a
-    folder the exported files are also written to. `obj` is the in-memory model the version
+    `data` gives the check rows; without it, synthetic rows built from the signature are used
+    and the notes say so. Formats that quantize calibrate on `calibration` (default: the check
+    rows, which makes the check optimistic: give both for an honest one). `tolerance` replaces
+    the exporter's (atol, rtol, min_cosine, min_label_agreement). `output` is a folder the
+    exported files are also written to. `obj` is the in-memory model the version
     was registered from (the Python API passes it, so TorchScript can script it)."""
     exporter_cls = get_exporter(format)
     config = exporter_cls.parse_config(options)
@@ -94,21 +97,25 @@ def export_version(registry: Registry, ref: str, format: str, *,
                           "be positive.")
     version = registry.resolve(ref)
     _check_reachable(version, exporter_cls)
+    Tolerance().override(tolerance)  # a bad tolerance fails before any work
     folder = _output_folder(output) if output else None
     step = progress or (lambda stage: None)
     with tempfile.TemporaryDirectory(prefix="optiserve-export-") as tmp:
         workdir = Path(tmp)
         rows, described = _rows(registry, version, data)
+        calib, calib_described = (_rows(registry, version, calibration, "calibration")
+                                  if calibration else ({}, ""))
         source = Source(path=registry.path(version), format=version.format,
                         signature=version.signature, meta=dict(version.meta), rows=rows,
                         rows_described=described, workdir=workdir, settings=registry.settings,
-                        obj=obj)
+                        calibration=calib, calibration_described=calib_described, obj=obj)
         chain: list[dict] = []
         if version.format not in exporter_cls.reads:
             step("convert")
             source, chain = _to_onnx(source)
         step("export")
         exported = exporter_cls().export(source, config)
+        exported.tolerance = exported.tolerance.override(tolerance)
         step("verify")
         verification = verify(registry, version, exported, format, rows, described)
         step("benchmark")
@@ -138,20 +145,20 @@ def _check_reachable(version: VersionInfo, exporter_cls: type[Exporter]) -> None
         return
     others = [f for f in reachable(version.format) if f != exporter_cls.format]
     raise ExportError(
-        f"{version.ref} is a {version.format} model ({version.framework}); the "
+        f"{version.ref} is stored as {version.format} ({version.framework}); the "
         f"{exporter_cls.format} export is made from {', '.join(reads)}"
         + (" or a model that converts to ONNX" if "onnx" in reads else "") + ".",
         hint=(f"This model can be exported to: {', '.join(others)}." if others else
               "No export format takes this model; serve it as it is."))
 
 
-def _rows(registry: Registry, version: VersionInfo,
-          data: DatasetSpec | None) -> tuple[dict[str, np.ndarray], str]:
+def _rows(registry: Registry, version: VersionInfo, data: DatasetSpec | None,
+          role: str = "check") -> tuple[dict[str, np.ndarray], str]:
     if data is not None:
         ds = load(data, version.signature, registry.settings,
-                  feature_names=version.meta.get("feature_names"), role="check")
+                  feature_names=version.meta.get("feature_names"), role=role)
         if ds.n == 0:
-            raise ExportError(f"The check data ({ds.description}) has no rows.",
+            raise ExportError(f"The {role} data ({ds.description}) has no rows.",
                               hint="Give a file or query with at least one row.")
         rows = {k: v[:MAX_ROWS] for k, v in ds.inputs.items()}
         return rows, f"{min(ds.n, MAX_ROWS)} rows of {ds.description}"
@@ -171,9 +178,8 @@ def _to_onnx(source: Source) -> tuple[Source, list[dict]]:
                       sample={k: v[:8] for k, v in source.rows.items()})
     conv = OnnxConversion()
     done = conv.run(artifact, conv.parse_config({}), ctx)
-    converted = Source(path=done.path, format=done.format, signature=done.signature,
-                       meta=done.meta, rows=source.rows, rows_described=source.rows_described,
-                       workdir=source.workdir, settings=source.settings, obj=source.obj)
+    converted = replace(source, path=done.path, format=done.format, signature=done.signature,
+                        meta=done.meta)
     return converted, [{**p, "notes": done.notes} for p in done.passes]
 
 

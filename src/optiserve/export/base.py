@@ -9,7 +9,7 @@ export/__init__.py, so an exporter only makes the file and says how close it mus
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -37,7 +37,8 @@ class ExportError(OptiserveError):
 @dataclass
 class Source:
     """The version being exported: its file, format and signature, the rows the export is
-    checked on (and, for formats that calibrate, calibrated with), and a scratch folder."""
+    checked on, the rows formats that quantize calibrate on (the check rows unless the caller
+    gave others), and a scratch folder."""
 
     path: Path
     format: str
@@ -47,8 +48,15 @@ class Source:
     rows_described: str
     workdir: Path
     settings: Settings
+    calibration: dict[str, np.ndarray] = field(default_factory=dict)
+    calibration_described: str = ""
     #: the in-memory model given to the Python API (an nn.Module for TorchScript scripting)
     obj: Any = None
+
+    def __post_init__(self) -> None:
+        if not self.calibration:
+            self.calibration = self.rows
+            self.calibration_described = f"the check rows, {self.rows_described}"
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,24 @@ class Tolerance:
     rtol: float = 0.0
     min_cosine: float | None = None
     min_label_agreement: float | None = None
+
+    def override(self, values: dict[str, Any] | None) -> Tolerance:
+        """This tolerance with the caller's values (atol, rtol, min_cosine,
+        min_label_agreement) in place of the exporter's."""
+        if not values:
+            return self
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"Unknown tolerance '{unknown[0]}'.",
+                              hint=f"Choose from: {', '.join(sorted(known))}.")
+        try:
+            clean = {k: None if v is None else float(v) for k, v in values.items()}
+        except (TypeError, ValueError):
+            raise ConfigError(f"Tolerance values must be numbers (got {values}).") from None
+        if any(v is not None and v < 0 for v in clean.values()):
+            raise ConfigError(f"Tolerance values cannot be negative (got {values}).")
+        return replace(self, **clean)
 
     def describe(self) -> str:
         parts = []

@@ -27,7 +27,7 @@ class OpenVINOExporter(Exporter):
 
         int8: Literal["none", "weights", "static"] = Field(
             "none", description="none: FP32 IR; weights: INT8 weights (NNCF compression); "
-            "static: INT8 weights and activations calibrated on the check rows.")
+            "static: INT8 weights and activations calibrated on the calibration rows.")
         calibration_rows: int = Field(100, ge=1, description="Rows used to calibrate (static).")
 
     def export(self, source: Source, config: Config) -> Exported:
@@ -42,8 +42,8 @@ class OpenVINOExporter(Exporter):
                               "operator), or export the FP32 version this one was made from.")
         ctx = PassContext(workdir=source.workdir, settings=source.settings,
                           sample={k: v[:8] for k, v in source.rows.items()},
-                          calibration=Dataset(inputs=source.rows, labels=None,
-                                              description=source.rows_described))
+                          calibration=Dataset(inputs=source.calibration, labels=None,
+                                              description=source.calibration_described))
         pass_ = OpenVINO()
         try:
             done = pass_.run(artifact, pass_.parse_config(config.model_dump()), ctx)

@@ -3,7 +3,7 @@ by the LiteRT interpreter (runtimes/litert.py).
 
 TFLiteConverter reads the Keras model or the SavedModel directly (no ONNX in between). Four
 precisions: float32; "dynamic" (int8 weights, activations quantized on the fly); float16
-weights; and post-training INT8 calibrated on the check rows, full-integer with int8 input and
+weights; and post-training INT8 calibrated on the calibration rows, full-integer with int8 input and
 output tensors by default, as integer-only NPUs and the Edge TPU need. The exported version keeps
 the source's float signature: the runtime quantizes inputs and dequantizes outputs, so it is
 served with the same API.
@@ -62,14 +62,14 @@ class TFLiteExporter(Exporter):
         quantization: Literal["float32", "dynamic", "float16", "int8"] = Field(
             "float32", description="float32: no quantization; dynamic: int8 weights, "
             "activations quantized at run time; float16: float16 weights; int8: int8 weights and "
-            "activations calibrated on the check rows.")
+            "activations calibrated on the calibration rows.")
         int8_io: bool = Field(
             True, description="int8 only. True: full-integer model with int8 input and output "
             "tensors (integer-only NPUs, Edge TPU); every op must have an int8 kernel. False: "
             "float32 input/output, ops without an int8 kernel stay float. Either way optiserve "
             "feeds and returns float32.")
         representative_rows: int = Field(
-            100, ge=1, description="int8 only: the most check rows used as the representative "
+            100, ge=1, description="int8 only: the most calibration rows used as the representative "
             "(calibration) dataset.")
         select_tf_ops: bool = Field(
             False, description="Allow TensorFlow ops TFLite builtins lack, as TF Select (Flex) "
@@ -85,7 +85,7 @@ class TFLiteExporter(Exporter):
         out.write_bytes(model)
         quantized = _check_runs(out, source)
         notes = [_note(tf, origin, config, rows, source, len(model), quantized)]
-        if rows is not None and "synthetic" in source.rows_described:
+        if rows is not None and "synthetic" in source.calibration_described:
             notes.append("INT8 calibrated on synthetic rows is only as good as those rows: pass "
                          "data from the real input distribution to calibrate on it.")
         meta = {"tflite": {"quantization": config.quantization, "tensorflow": tf.__version__,
@@ -116,18 +116,18 @@ def _converter(source: Source, tf) -> Iterator[tuple[Any, str]]:
 
 
 def _representative(source: Source, config: TFLiteExporter.Config) -> dict | None:
-    """The calibration rows (int8 only): at most `representative_rows` of the check rows, in
-    the signature's dtypes; ExportError when there are none."""
+    """The calibration rows (int8 only): at most `representative_rows` of them, in the
+    signature's dtypes; ExportError when there are none."""
     if config.quantization != "int8":
         return None
-    n = min((len(v) for v in source.rows.values()), default=0)
+    n = min((len(v) for v in source.calibration.values()), default=0)
     if n == 0:
         raise ExportError("INT8 TensorFlow Lite export needs representative rows to calibrate "
-                          "on, and the check data has none.",
+                          "on, and the calibration data has none.",
                           hint="Pass calibration rows (data), or choose quantization float16 or "
                           "dynamic, which need none.")
     n = min(n, config.representative_rows)
-    return {s.name: np.asarray(source.rows[s.name][:n], dtype=s.dtype)
+    return {s.name: np.asarray(source.calibration[s.name][:n], dtype=s.dtype)
             for s in source.signature.inputs}
 
 
@@ -245,7 +245,7 @@ def _note(tf, origin: str, config: TFLiteExporter.Config, rows: dict | None, sou
     note = f"TFLiteConverter (TF {tf.__version__}) from {origin}, {what}"
     if rows is not None:
         n = len(next(iter(rows.values())))
-        note += f", calibrated on {n} of the check rows ({source.rows_described})"
+        note += f", calibrated on {n} rows of {source.calibration_described}"
     if quantized:
         note += "; integer tensors " + ", ".join(
             f"{name} {q['dtype']} (scale {q['scale']:.3g}, zero point {q['zero_point']})"
