@@ -79,6 +79,14 @@ class OnnxConversion(Pass):
                                if k in ("num_heads", "hidden_size", "model_type")})
             onnx.save(proto, str(out))
             notes.append(f"torch.onnx.export ({used} exporter), opset {opset}")
+        elif artifact.format in ("keras", "savedmodel"):
+            import tf2onnx
+
+            from optiserve.convert.tensorflow import to_onnx
+
+            used = to_onnx(artifact.path, artifact.format, artifact.signature, out, opset)
+            capped = f" (tf2onnx supports up to {used})" if used < opset else ""
+            notes.append(f"tf2onnx {tf2onnx.__version__}, opset {used}{capped}")
         else:
             raise ConversionError(f"No ONNX converter for format '{artifact.format}'.")
         model = check(out)
