@@ -87,8 +87,8 @@ def test_missing_file(tmp_path):
         import_file(tmp_path / "nope.onnx")
 
 
-def test_directory_is_not_a_model(tmp_path):
-    with pytest.raises(ModelLoadError, match="no such file"):
+def test_directory_that_is_not_a_savedmodel_is_not_a_model(tmp_path):
+    with pytest.raises(ModelLoadError, match="not a TensorFlow SavedModel"):
         import_file(tmp_path)
 
 

@@ -312,7 +312,8 @@ def test_tiny_bert_fused_by_ort_then_static_int8(tmp_path, settings):
 # -- failures inside ONNX Runtime ----------------------------------------------------------------
 def _masked(tmp_path, masks: int = 1):
     """Attention-style masking: scores where x > 0, float32's minimum elsewhere, then Softmax
-    (and, with masks=2, a second mask read by a Relu). Histogram calibration cannot bin a tensor
+    and a Relu (so the Softmax is not the model's output, which is kept float anyway), and,
+    with masks=2, a second mask read by a Relu. Histogram calibration cannot bin a tensor
     spanning float32's whole range."""
     rng = np.random.default_rng(0)
     inits = [_init(rng, "W", 16, 16, scale=0.25),
@@ -321,7 +322,8 @@ def _masked(tmp_path, masks: int = 1):
     nodes = [helper.make_node("MatMul", ["x", "W"], ["s"], name="scores"),
              helper.make_node("Greater", ["x", "ZERO"], ["keep"]),
              helper.make_node("Where", ["keep", "s", "FMIN"], ["masked"], name="mask"),
-             helper.make_node("Softmax", ["masked"], ["y"], axis=-1, name="softmax")]
+             helper.make_node("Softmax", ["masked"], ["p"], axis=-1, name="softmax"),
+             helper.make_node("Relu", ["p"], ["y"], name="after_softmax")]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 16])]
     if masks == 2:
         nodes += [helper.make_node("Less", ["x", "ZERO"], ["drop"]),
@@ -352,6 +354,35 @@ def test_calibration_failing_twice_is_skipped(tmp_path, settings):
     with pytest.raises(PassSkipped, match=r"static INT8 \(Entropy\) failed \(after retried "
                                           r"without quantizing .*\): Too many bins"):
         _static(path, _rows(64, 16), tmp_path, settings, calibrate_method="entropy")
+
+
+def test_an_output_softmax_stays_float_unless_op_types_are_chosen(tmp_path, settings):
+    """ONNX Runtime quantizes a Softmax output on a fixed [0, 1] scale (1/255 a step): over 1000
+    classes nearly every probability is below one step."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["logits"], name="head"),
+             helper.make_node("Softmax", ["logits"], ["y"], axis=-1, name="probs")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 1000])],
+                   [_init(rng, "W", 64, 1000, scale=0.125)])
+    path = save_onnx(model, tmp_path / "head.onnx")
+    x = _rows(64, 64, seed=3).inputs["x"]
+    ref = run_onnx(path, {"x": x})[0]
+
+    def cosine(out):
+        got = run_onnx(out.path, {"x": x})[0]
+        return float(((got * ref).sum(1) / np.linalg.norm(got, axis=1)
+                      / np.linalg.norm(ref, axis=1)).mean())
+
+    kept = _static(path, _rows(64, 64), tmp_path, settings, per_channel=True)
+    assert any(n.startswith("kept the output Softmax probs in FP32") for n in kept.notes)
+    producer = {o: n.op_type for n in onnx.load(str(kept.path)).graph.node for o in n.output}
+    assert _fed_by_dq(kept.path, "MatMul") == [True] and producer["y"] == "Softmax"
+    assert cosine(kept) > 0.999
+    chosen = _static(path, _rows(64, 64), tmp_path, settings, per_channel=True,
+                     op_types=["MatMul", "Softmax"])  # writes over kept's file
+    assert not any(n.startswith("kept the output Softmax") for n in chosen.notes)
+    assert cosine(chosen) < 0.9
 
 
 # -- bad calibration data ------------------------------------------------------------------------
