@@ -13,6 +13,8 @@ _LAZY = {
     "register": "optiserve.api",
     "optimize": "optiserve.api",
     "benchmark": "optiserve.api",
+    # optiserve.export is the API function; the formats live in optiserve.exporters
+    "export": "optiserve.api",
     "OptimizeRequest": "optiserve.optimizer.request",
     "DatasetSpec": "optiserve.data.sources",
     "Settings": "optiserve.core.settings",

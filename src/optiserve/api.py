@@ -14,7 +14,7 @@ from optiserve.convert.detect import EXTENSIONS, import_file, import_object
 from optiserve.convert.torch import example_arrays
 from optiserve.core.errors import ConfigError
 from optiserve.data.sources import DatasetSpec, load
-from optiserve.export import ExportResult, export_version
+from optiserve.exporters import ExportResult, export_version
 from optiserve.optimizer.pipeline import Progress
 from optiserve.optimizer.pipeline import optimize as _optimize
 from optiserve.optimizer.report import OptimizationResult

@@ -3,7 +3,7 @@
 An exporter turns one registered version into a file another runtime or device runs: it reads
 the source formats it names in `reads` and writes `format`. Verifying the result against the
 source, timing it and registering it is the same for every format and lives in
-export/__init__.py, so an exporter only makes the file and says how close it must be.
+exporters/__init__.py, so an exporter only makes the file and says how close it must be.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from optiserve.core.settings import Settings
 from optiserve.core.types import Signature
 
 EXPORTERS: dict[str, str] = {
-    "torchscript": "optiserve.export.torchscript:TorchScriptExporter",
-    "tflite": "optiserve.export.tflite:TFLiteExporter",
-    "ort": "optiserve.export.ort_mobile:OrtMobileExporter",
-    "openvino": "optiserve.export.openvino_ir:OpenVINOExporter",
+    "torchscript": "optiserve.exporters.torchscript:TorchScriptExporter",
+    "tflite": "optiserve.exporters.tflite:TFLiteExporter",
+    "ort": "optiserve.exporters.ort_mobile:OrtMobileExporter",
+    "openvino": "optiserve.exporters.openvino_ir:OpenVINOExporter",
 }
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from optiserve.core.errors import ConfigError, DatasetError
 from optiserve.core.settings import Settings
-from optiserve.export.base import ExportError, Source, Tolerance
+from optiserve.exporters.base import ExportError, Source, Tolerance
 
 pytestmark = pytest.mark.integration
 tf = pytest.importorskip("tensorflow")
@@ -22,7 +22,7 @@ keras = pytest.importorskip("keras")
 
 from optiserve.convert.tensorflow import (keras_signature, savedmodel_signature,  # noqa: E402
                                           serving_function, zip_savedmodel)
-from optiserve.export.tflite import TOLERANCES, TFLiteExporter  # noqa: E402
+from optiserve.exporters.tflite import TOLERANCES, TFLiteExporter  # noqa: E402
 from optiserve.runtimes.base import load_runtime  # noqa: E402
 from optiserve.runtimes.litert import LiteRTRuntime  # noqa: E402
 

@@ -16,7 +16,7 @@ import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field
 
 from optiserve.core.errors import first_line
-from optiserve.export.base import Exported, Exporter, ExportError, Source, Tolerance
+from optiserve.exporters.base import Exported, Exporter, ExportError, Source, Tolerance
 
 _LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,

@@ -38,7 +38,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from optiserve.core.errors import ModelLoadError, first_line
-from optiserve.export.base import Exported, Exporter, ExportError, Source, Tolerance
+from optiserve.exporters.base import Exported, Exporter, ExportError, Source, Tolerance
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from optiserve.core.errors import first_line
 from optiserve.data.binding import Dataset
-from optiserve.export.base import Exported, Exporter, ExportError, Source, Tolerance
+from optiserve.exporters.base import Exported, Exporter, ExportError, Source, Tolerance
 from optiserve.passes.base import Artifact, PassContext, PassSkipped
 
 

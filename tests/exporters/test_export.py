@@ -12,7 +12,7 @@ import pytest
 from optiserve import api
 from optiserve.core.errors import ConfigError, UnknownNameError
 from optiserve.data.sources import DatasetSpec
-from optiserve.export import ExportError, Tolerance, export_version, reachable, verify
+from optiserve.exporters import ExportError, Tolerance, export_version, reachable, verify
 from optiserve.runtimes.base import load_runtime
 from tests.cli.test_cli import cli, one_line_error
 
@@ -182,7 +182,7 @@ def test_unknown_format_and_bad_option_fail_before_any_work(sqlite_registry, log
 def test_an_export_outside_its_tolerance_is_refused_and_not_stored(sqlite_registry, cnn,
                                                                    monkeypatch, digits, tmp_path):
     """A real INT8 IR held to a float tolerance: the numbers are in the error, nothing stored."""
-    from optiserve.export import openvino_ir
+    from optiserve.exporters import openvino_ir
 
     real = openvino_ir.OpenVINOExporter.export
 
@@ -219,7 +219,7 @@ def test_calibration_rows_apart_from_check_rows_and_a_caller_tolerance(sqlite_re
 
 def test_outputs_are_paired_by_position_when_names_differ():
     """Converters rename outputs (TFLite's StatefulPartitionedCall:0): pairs go by position."""
-    from optiserve.export import _pair
+    from optiserve.exporters import _pair
 
     a, b = np.ones((2, 3)), np.zeros((2, 3))
     assert list(_pair({"logits": a}, {"Identity:0": b})) == ["logits"]

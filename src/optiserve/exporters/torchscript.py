@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from optiserve.convert.torch import load_runnable
 from optiserve.core.deps import require
 from optiserve.core.errors import first_line
-from optiserve.export.base import Exported, Exporter, ExportError, Source, Tolerance
+from optiserve.exporters.base import Exported, Exporter, ExportError, Source, Tolerance
 
 
 class TorchScriptExporter(Exporter):
@@ -68,7 +68,7 @@ class TorchScriptExporter(Exporter):
         if config.mode == "script" and source.format != "torchscript":
             raise ExportError("Scripting needs the Python nn.Module; a stored "
                               f"{source.format} file has lost its Python code.",
-                              hint="Pass the module to optiserve.export(module, 'torchscript', "
+                              hint="Pass the module to optiserve.exporters(module, 'torchscript', "
                               "name=..., options={'mode': 'script'}), or use mode 'trace'.")
         what = ("the torch.export program's eager module" if source.format == "pt2"
                 else "the stored TorchScript")

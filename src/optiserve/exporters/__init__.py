@@ -2,7 +2,7 @@
 
 Every format goes through the same four steps, so none of them can skip one:
 
-1. **make**: the format's exporter (export/<format>.py) writes the file from the version, after
+1. **make**: the format's exporter (exporters/<format>.py) writes the file from the version, after
    `onnx_conversion` when the exporter reads ONNX and the version is another framework's;
 2. **verify**: the file is opened in its own runtime and its outputs on the check rows are
    compared with the source version's, in the source's runtime, against the exporter's stated
@@ -28,7 +28,7 @@ from optiserve.convert.detect import EXTENSIONS
 from optiserve.convert.torch import example_arrays
 from optiserve.core.errors import ConfigError
 from optiserve.data.sources import DatasetSpec, load
-from optiserve.export.base import (EXPORTERS, ExportError, Exported, Exporter, Source, Tolerance,
+from optiserve.exporters.base import (EXPORTERS, ExportError, Exported, Exporter, Source, Tolerance,
                                    get_exporter)
 from optiserve.registry.registry import Registry, VersionInfo
 from optiserve.runtimes.base import load_runtime, runtime_for
