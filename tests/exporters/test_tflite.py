@@ -133,6 +133,25 @@ def test_int8_calibrates_on_the_rows_it_is_given(digits_cnn, tmp_path):
     assert any("synthetic rows is only as good as those rows" in n for n in synthetic.notes)
 
 
+def test_int8_softmax_output_is_named_with_the_logits_way_out(digits_cnn, tmp_path):
+    """TFLite quantizes a softmax output on a fixed 1/256 scale; the note says what that
+    costs. The logits model (no softmax) gets no such note."""
+    probs = keras.Model(digits_cnn.model.input,
+                        keras.layers.Softmax(name="probs")(digits_cnn.model.output))
+    path = tmp_path / "probs.keras"
+    probs.save(path)
+    model = SimpleNamespace(path=path, signature=keras_signature(probs, path),
+                            calibration=digits_cnn.calibration)
+    exported = _export(model, tmp_path, quantization="int8")
+    name = model.signature.outputs[0].name
+    assert exported.meta["tflite"]["quantized_tensors"][name]["scale"] == pytest.approx(1 / 256)
+    assert any(n.startswith(f"output {name} holds softmax probabilities on TFLite's fixed "
+                            "int8 scale") and "classifier_activation=None" in n
+               for n in exported.notes)
+    logits = _export(digits_cnn, tmp_path, quantization="int8")
+    assert not any("softmax" in n for n in logits.notes)
+
+
 def test_int8_with_float_io_keeps_float32_tensors(digits_cnn, tmp_path):
     from ai_edge_litert.interpreter import Interpreter
 

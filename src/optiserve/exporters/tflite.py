@@ -85,6 +85,7 @@ class TFLiteExporter(Exporter):
         out.write_bytes(model)
         quantized = _check_runs(out, source)
         notes = [_note(tf, origin, config, rows, source, len(model), quantized)]
+        notes += _softmax_outputs(quantized, source)
         if rows is not None and "synthetic" in source.calibration_described:
             notes.append("INT8 calibrated on synthetic rows is only as good as those rows: pass "
                          "data from the real input distribution to calibrate on it.")
@@ -213,6 +214,20 @@ def _error_line(text: str) -> str:
         if "error:" in line:
             return line.split("error:", 1)[1].strip()[:300]
     return first_line(Exception(text)) if text.strip() else "no message"
+
+
+def _softmax_outputs(quantized: dict[str, dict], source: Source) -> list[str]:
+    """A note for int8 outputs on TFLite's fixed softmax quantization (scale 1/256, zero point
+    -128): whatever the calibration saw, probabilities below one step are lost."""
+    outputs = {o.name for o in source.signature.outputs}
+    fixed = [name for name, q in quantized.items() if name in outputs
+             and abs(q["scale"] - 1 / 256) < 1e-9 and q["zero_point"] == -128]
+    if not fixed:
+        return []
+    return [f"output {', '.join(fixed)} holds softmax probabilities on TFLite's fixed int8 "
+            "scale (1/256 a step), so probabilities below 0.004 read as 0: to rank or compare "
+            "small probabilities, export the logits (Keras: classifier_activation=None) and "
+            "apply softmax after."]
 
 
 def _check_runs(path, source: Source) -> dict[str, dict]:
