@@ -151,7 +151,7 @@ def test_without_labels_it_distills_and_can_keep_the_output_float(tmp_path, sett
                                                                    cnn, artifacts):
     out = _qat(artifacts["pt2"], settings, tmp_path / "wd", _digits_rows(digits8, labels=False),
                steps=60, quantize_output=False)
-    assert "MSE against the FP32 model's outputs" in out.notes[-1]
+    assert "MSE against the original model's outputs" in out.notes[-1]
     model = onnx.load(str(out.path))
     last = next(n for n in model.graph.node if "output" in n.output)
     assert last.op_type == "Gemm"  # the logits are not quantized

@@ -142,7 +142,7 @@ class Optimizer:
         context = {"settings": self.settings, "sample": dataset.take(min(2, dataset.n)),
                    "calibration": calibration, "training": self.training,
                    "hardware": self.hardware, "deadline": self.deadline,
-                   "batch_sizes": tuple(self.request.batch_sizes)}
+                   "batch_sizes": tuple(self.request.batch_sizes), "progress": self.progress}
         tree = CandidateTree(names=names, plans=plans, configs=configs, context=context,
                              workdir=workdir, rows=dataset.take(min(16, dataset.n)),
                              verdicts=self.verdicts, out_of_time=self._out_of_time,

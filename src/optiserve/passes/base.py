@@ -9,6 +9,7 @@ and defaults to None; the search layer (optimize/search.py) expands those into c
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -80,6 +81,9 @@ class PassContext:
     deadline: float | None = None
     #: the batch sizes the run benchmarks (a pass that fixes shapes must cover them)
     batch_sizes: tuple[int, ...] = ()
+    #: progress(message, 0) shows what a long pass is doing (a training loss) on the run's
+    #: progress bar; None when nobody watches
+    progress: Callable[[str, float], None] | None = None
 
 
 class PassSkipped(Exception):
