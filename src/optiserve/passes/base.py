@@ -30,6 +30,12 @@ PASSES: dict[str, str] = {
     "qat": "optiserve.passes.qat:QAT",
     "fp16": "optiserve.passes.fp16:FP16",
     "tensorrt": "optiserve.passes.tensorrt:TensorRT",
+    # training-time passes on the PyTorch original (passes/training.py); each writes a .pt2
+    "pruning": "optiserve.passes.pruning:MagnitudePruning",
+    "lottery_ticket": "optiserve.passes.pruning:LotteryTicket",
+    "structured_pruning": "optiserve.passes.structured_pruning:StructuredPruning",
+    "distillation": "optiserve.passes.distillation:Distillation",
+    "low_rank": "optiserve.passes.low_rank:LowRank",
 }
 
 
