@@ -206,6 +206,25 @@ def test_native_tree_files_are_refused_over_the_network(server, tmp_path, breast
     assert server.registry.models() == []
 
 
+@pytest.mark.integration
+def test_savedmodel_is_refused_and_keras_file_accepted_over_the_network(server, tmp_path):
+    keras = pytest.importorskip("keras")
+    from optiserve.convert.tensorflow import zip_savedmodel
+
+    inp = keras.Input((4,), name="x")
+    model = keras.Model(inp, keras.layers.Dense(2)(inp))
+    model.export(tmp_path / "sm", verbose=False)
+    zipped = zip_savedmodel(tmp_path / "sm", tmp_path / "sm.zip")
+    r = upload(server.client(), "tf", zipped.read_bytes(), "sm.zip")
+    assert r.status_code == 415, r.text
+    assert "SavedModel" in r.json()["error"] and ".keras" in r.json()["error"]
+    assert server.registry.models() == []
+    model.save(tmp_path / "m.keras")
+    r = upload(server.client(), "tf", (tmp_path / "m.keras").read_bytes(), "m.keras")
+    assert r.status_code == 201, r.text
+    assert r.json()["format"] == "keras"
+
+
 def test_oversized_chunked_upload_without_length_is_413(make_server):
     live = make_server(max_upload_mb=0.001)  # 1 kB
 

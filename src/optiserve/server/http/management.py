@@ -145,11 +145,12 @@ def version():
 # -- models -------------------------------------------------------------------------------
 @router.post("/models", tags=["models"], status_code=201,
              dependencies=[Depends(scope("models:write"))],
-             summary="Register a model: ONNX, TorchScript or skops (no pickles, no .pt2)")
+             summary="Register a model: ONNX, TorchScript, skops or .keras (no pickles, .pt2, "
+                     "native tree files or SavedModels)")
 def register_model(
     registry: Reg,
-    file: UploadFile = File(description=".onnx, .pt (TorchScript) or .skops (scikit-learn "
-                            "saved with skops.io.dump)"),
+    file: UploadFile = File(description=".onnx, .pt (TorchScript), .skops (scikit-learn "
+                            "saved with skops.io.dump) or .keras (Keras 3 model.save)"),
     name: str = Form(description="Model name, e.g. churn."),
     inputs: list[str] | None = Form(None, description="TorchScript input specs "
                                     "NAME:DTYPE[DIMS], one per input."),
@@ -183,6 +184,13 @@ def register_model(
                 "crash the server (the reason skops tree files are refused too).",
                 hint="Convert to ONNX (optiserve register + optimize locally, or onnxmltools) "
                 "and upload that; a native file can be registered from a local path with "
+                "`optiserve register`.")
+        if fmt == "savedmodel":
+            raise UnsupportedUpload(
+                "TensorFlow SavedModels are refused over the network: a SavedModel is a "
+                "program whose graph may read or write files on the server when it runs.",
+                hint="Upload the Keras model as a .keras file (loaded in Keras' safe mode) or "
+                "convert it to ONNX; a SavedModel can be registered from a local path with "
                 "`optiserve register`.")
         if path.suffix == "":
             path = path.rename(path.with_suffix(EXTENSIONS[fmt]))
