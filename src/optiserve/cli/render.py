@@ -87,7 +87,8 @@ def export(console: Console, res) -> None:
     console.print(f"registered [bold]{v.ref}[/] ({v.format}, {v.size_mb:.3f} MB) from "
                   f"{src.ref} ({src.format}, {src.size_mb:.3f} MB)")
     ver = res.verification
-    t = Table(title=f"verified on {ver['rows']}: {ver['tolerance']}", title_justify="left")
+    console.print(f"verified on {ver['rows']}: {ver['tolerance']}")
+    t = Table()
     for col in ("output", "max abs error", "mean cosine", "arg-max agreement"):
         t.add_column(col, justify="right" if col != "output" else "left")
     for name, s in ver["outputs"].items():
@@ -100,8 +101,8 @@ def export(console: Console, res) -> None:
                   f"{agree:.2%}" if agree is not None else "")
     console.print(t)
     src_lat, exp_lat = res.latency.get("source", {}), res.latency.get("export", {})
-    t = Table(title=f"p50 latency (ms): {src.format} in its runtime vs {v.format} in its own",
-              title_justify="left")
+    console.print(f"p50 latency (ms): {src.format} in its own runtime, {v.format} in its own")
+    t = Table()
     for col in ("batch", src.format, v.format, "speedup"):
         t.add_column(col, justify="right")
     for bs, lat in exp_lat.items():
