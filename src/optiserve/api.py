@@ -97,11 +97,15 @@ def parse_request(body: dict[str, Any] | OptimizeRequest) -> OptimizeRequest:
 
 def optimize(model_id: str | None = None, *, registry: Registry | None = None,
              progress: Progress | None = None, request: dict | OptimizeRequest | None = None,
-             **fields: Any) -> OptimizationResult:
+             training_data: Any = None, **fields: Any) -> OptimizationResult:
     """Optimize a registered model. Takes the seed's request fields as keywords
-    (optimizations, quantization_config, validation_dataset, accuracy_threshold, ...)."""
+    (optimizations, quantization_config, validation_dataset, accuracy_threshold, ...).
+    `training_data` gives the training passes (qat, pruning, distillation, ...) their rows as
+    a torch DataLoader or any iterable of batches: (inputs..., labels) tuples or dicts keyed
+    by input name (see optiserve.data.batches), instead of training_dataset."""
     body = request if request is not None else {"model_id": model_id, **fields}
-    return _optimize(registry or Registry(), parse_request(body), progress)
+    return _optimize(registry or Registry(), parse_request(body), progress,
+                     training=training_data)
 
 
 def benchmark(model_id: str, *, batch_sizes: list[int] = (1, 16, 32, 64),

@@ -13,13 +13,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from optiserve.bench.isolated import benchmark_isolated
 from optiserve.convert.detect import FRAMEWORKS
 from optiserve.convert.torch import example_arrays
-from optiserve.core.errors import (DatasetError, GateFailedError, OptimizationTimeout,
+from optiserve.core.errors import (ConfigError, DatasetError, GateFailedError, OptimizationTimeout,
                                    OptiserveError, first_line)
 from optiserve.core.hardware import detect
 from optiserve.core.settings import Settings
@@ -55,9 +56,12 @@ class Optimizer:
 
     def __init__(self, registry: Registry, request: OptimizeRequest,
                  progress: Progress | None = None, *, run_id: str | None = None,
-                 on_candidate: Callable[[Candidate], None] | None = None):
+                 on_candidate: Callable[[Candidate], None] | None = None,
+                 training: Any = None):
         """`run_id`: an existing run (a server job) to report into instead of a new one;
-        `on_candidate` is called with each candidate once it is measured and gated."""
+        `on_candidate` is called with each candidate once it is measured and gated;
+        `training`: training rows given in Python (a DataLoader or iterable of batches, see
+        data/batches.py) instead of the request's training_dataset."""
         self.registry, self.request, self.run_id = registry, request, run_id
         self.on_candidate = on_candidate or (lambda cand: None)
         self.settings = registry.settings
@@ -68,6 +72,7 @@ class Optimizer:
         self.timed_out = False
         self.plans: dict[str, list] = {}
         self.training: Dataset | None = None
+        self.training_batches = training
         self.hardware = detect()
         # candidate verdicts by id(artifact), read by the tree walk to decide on retries
         self.verdicts: dict[int, Candidate] = {}
@@ -299,6 +304,13 @@ class Optimizer:
         return self._extra_rows(spec, version, "calibration")
 
     def _training(self, version: VersionInfo) -> Dataset | None:
+        if self.training_batches is not None:
+            from optiserve.data.batches import from_batches
+
+            if self.request.training_dataset is not None:
+                raise ConfigError("Both training_dataset and Python training batches were "
+                                  "given.", hint="Give one of them.")
+            return from_batches(self.training_batches, version.signature)
         spec = self.request.training_dataset
         return None if spec is None else self._extra_rows(spec, version, "training")
 
@@ -424,5 +436,5 @@ def _parity(outputs: dict, reference: dict, task: str) -> dict:
 
 
 def optimize(registry: Registry, request: OptimizeRequest,
-             progress: Progress | None = None) -> OptimizationResult:
-    return Optimizer(registry, request, progress).run()
+             progress: Progress | None = None, *, training: Any = None) -> OptimizationResult:
+    return Optimizer(registry, request, progress, training=training).run()
