@@ -62,7 +62,10 @@ class CandidateTree:
                     children = []
                 else:
                     children = yield from self._apply(cls, node, step, skipped)
-                nxt += children or ([node] if node not in nxt else [])
+                # a pass that makes an alternative (a shrunk network) keeps its input going
+                # too, so later passes (onnx_conversion, quantization) compare both
+                keep = not children or cls.alternative
+                nxt += children + ([node] if keep and node not in nxt else [])
                 made += children
             if not cls.branches:
                 frontier = nxt

@@ -103,6 +103,10 @@ class Pass:
     #: A branching pass makes leaf candidates (another runtime's format) from every node of the
     #: tree it accepts, instead of replacing the frontier the next pass works on.
     branches: ClassVar[bool] = False
+    #: An alternative-making pass (pruning, distillation, low-rank: a smaller network, not a
+    #: new format of the same one) leaves its input on the frontier beside its children, so
+    #: the passes after it run on both and the unshrunk model competes in the same form.
+    alternative: ClassVar[bool] = False
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")

@@ -44,6 +44,7 @@ class LowRank(Pass):
     """Factors Linear/Conv weights by truncated SVD where that is cheaper; optional fine-tune."""
 
     name = "low_rank"
+    alternative = True
     extras = ("torch",)
     needs_onnx = False
 
