@@ -78,6 +78,7 @@ class MagnitudePruning(Pass):
     """Zeros the smallest-magnitude Conv/Linear weights, fine-tuning with the masks kept."""
 
     name = "pruning"
+    alternative = True
     extras = ("torch",)
     needs_onnx = False
 
@@ -142,6 +143,7 @@ class LotteryTicket(Pass):
     """Iterative magnitude pruning with rewinding; reports the sparsity/accuracy curve."""
 
     name = "lottery_ticket"
+    alternative = True
     extras = ("torch",)
     needs_onnx = False
 
