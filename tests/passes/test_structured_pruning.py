@@ -371,11 +371,14 @@ def test_optimize_chains_pruning_conversion_and_quantization(tmp_path, sqlite_re
         validation_dataset={"source": "file", "path": str(tmp_path / "val.npz"),
                             "label_column": "label"},
         accuracy_threshold=0.97, batch_sizes=[64], iterations=20, warmup=2)
-    labels = [c.artifact.label for c in result.candidates]
+    by_label = {c.artifact.label: c for c in result.candidates}
     pruned = "structured_pruning(ratio=0.5, round_to=16, require_faster=False, steps=200)"
-    assert labels == [pruned, f"{pruned} > onnx_conversion", f"{pruned} > onnx_conversion > "
-                      "quantization(method=static, per_channel=False, calibrate_method=minmax)"]
-    assert all(c.gate.passed for c in result.candidates[:2]), result.notes
+    static = "quantization(method=static, per_channel=False, calibrate_method=minmax)"
+    # the pruned network goes through conversion and INT8, and the original beside it
+    # (structured_pruning is an alternative-making pass), so both compete in ONNX Runtime
+    assert set(by_label) == {pruned, f"{pruned} > onnx_conversion",
+                             f"{pruned} > onnx_conversion > {static}", "onnx_conversion",
+                             f"onnx_conversion > {static}"}, result.notes
+    assert by_label[pruned].gate.passed and by_label[f"{pruned} > onnx_conversion"].gate.passed
     assert result.status == "completed"
-    chosen = sqlite_registry.resolve("digits-cnn")
-    assert chosen.version == 2 and chosen.passes[0]["name"] == "structured_pruning"
+    assert sqlite_registry.resolve("digits-cnn").version >= 2  # the winner is registered

@@ -48,6 +48,7 @@ class Distillation(Pass):
     name = "distillation"
     extras = ("torch",)
     needs_onnx = False
+    alternative = True  # the unshrunk model goes on beside it (Pass.alternative)
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")

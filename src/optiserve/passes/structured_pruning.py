@@ -523,6 +523,7 @@ class StructuredPruning(Pass):
     name = "structured_pruning"
     extras = ("torch",)
     needs_onnx = False
+    alternative = True  # the unshrunk model goes on beside it (Pass.alternative)
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
