@@ -100,7 +100,7 @@ def stage_prepare(model: str, workdir: Path) -> None:
 
 def _pool8(x: np.ndarray) -> np.ndarray:
     """The 32x32 upsampled digits back to 8x8 = 64 features (4x4 mean pooling)."""
-    return x.reshape(len(x), 8, 4, 8, 4).mean(axis=(2, 4)).astype(np.float32)
+    return x.reshape(len(x), 8, 4, 8, 4).mean(axis=(2, 4)).reshape(len(x), 64).astype(np.float32)
 
 
 def _wide_mlp(torch, x: np.ndarray, y: np.ndarray):

@@ -151,3 +151,24 @@ def test_static_export_keeps_static_batch(net, tmp_path):
     path = tmp_path / "static.pt2"
     torch.export.save(torch.export.export(net, (torch.randn(2, 4),)), str(path))
     assert import_file(path).signature.inputs[0].shape == (2, 4)
+
+
+def test_a_program_converted_by_dynamo_quantizes_dynamically(sqlite_registry):
+    """The dynamo exporter's shapes for weights made ONNX Runtime's dynamic quantizer fail
+    after it transposes a Gemm weight; without them every dynamic INT8 candidate is made."""
+    import optiserve
+
+    torch = pytest.importorskip("torch")
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 6 * 6, 64), torch.nn.ReLU(),
+                              torch.nn.Linear(64, 10)).eval()
+    program = torch.export.export(net, (torch.randn(2, 1, 8, 8),),
+                                  dynamic_shapes={"input": {0: torch.export.Dim("b")}})
+    register("p", program, registry=sqlite_registry)
+    result = optiserve.optimize("p", registry=sqlite_registry, accuracy_threshold=0.5,
+                                optimizations=["onnx_conversion", "quantization"],
+                                quantization_config={"method": "dynamic"}, iterations=5,
+                                warmup=1)
+    assert [c.artifact.label for c in result.candidates] == [
+        "onnx_conversion", "onnx_conversion > quantization(method=dynamic, per_channel=False)",
+        "onnx_conversion > quantization(method=dynamic, per_channel=True)"]

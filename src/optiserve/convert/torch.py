@@ -242,9 +242,25 @@ def to_onnx(path: Path, fmt: str, signature: Signature, sample: dict[str, np.nda
                                              dynamic_shapes=dims if fmt != "pt2" else None,
                                              external_data=False, verbose=False)
                     prog.save(str(out), external_data=False)
+                    _drop_initializer_shapes(out)
             return how
         except Exception as exc:  # exporters raise many types; collect and report them all
             errors.append(f"{how}: {first_line(exc)}")
     raise ConversionError("torch.onnx.export failed: " + " | ".join(errors),
                           hint="Check that the model traces with the example inputs, or pick "
                           "another exporter (exporter: dynamo | torchscript).")
+
+
+def _drop_initializer_shapes(path: Path) -> None:
+    """The dynamo exporter records a value_info shape for every weight. ONNX Runtime's dynamic
+    quantizer transposes Gemm weights into MatMul ones and then fails shape inference against
+    those stale entries, so they go: a weight's shape is its initializer's anyway."""
+    import onnx
+
+    model = onnx.load(str(path))
+    weights = {i.name for i in model.graph.initializer}
+    kept = [v for v in model.graph.value_info if v.name not in weights]
+    if len(kept) != len(model.graph.value_info):
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(kept)
+        onnx.save(model, str(path))
