@@ -90,6 +90,15 @@ def test_path_outside_the_data_folder(lin, path):
     _no_new_runs_or_versions(lin)
 
 
+def test_student_model_outside_the_data_folder_is_refused(lin):
+    """A distillation student is a model file the server would load: data folder only."""
+    body = {"model_id": "lin", "optimizations": ["distillation"],
+            "pass_configs": {"distillation": {"student": "/tmp/student.pt2"}}}
+    _error(lin.client().post(OPT, json=body), 400, "Student model file '/tmp/student.pt2' is "
+           "outside the data folder")
+    _no_new_runs_or_versions(lin)
+
+
 def test_symlink_out_of_the_data_folder_is_refused(lin, tmp_path):
     outside = tmp_path / "secret.npz"
     np.savez(outside, x=np.zeros((2, 4), np.float32))

@@ -125,18 +125,23 @@ def confine(spec: DatasetSpec | None, root: Path) -> DatasetSpec | None:
     taken from there). Returns the spec with the resolved absolute path."""
     if spec is None or spec.source != "file":
         return spec
+    return spec.model_copy(update={"path": confine_path(spec.path or "", root)})
+
+
+def confine_path(given: str, root: Path, what: str = "Validation file") -> str:
+    """`given` resolved inside `root` (relative paths are taken from there), or DatasetError."""
     root = root.resolve()
     try:
-        path = (root / (spec.path or "")).resolve()
+        path = (root / given).resolve()
     except (ValueError, OSError) as exc:  # NUL bytes, names too long
-        raise DatasetError(f"Validation file path {spec.path[:80]!r} is not usable: "
+        raise DatasetError(f"{what} path {given[:80]!r} is not usable: "
                            f"{first_line(exc, 100)}.",
                            hint="Give a plain path relative to OPTISERVE_DATA_DIR.") from None
     if not path.is_relative_to(root):
-        raise DatasetError(f"Validation file '{spec.path}' is outside the data folder.",
+        raise DatasetError(f"{what} '{given}' is outside the data folder.",
                            hint=f"Over HTTP, files are read only from {root} "
                            "(OPTISERVE_DATA_DIR); give a path relative to it.")
-    return spec.model_copy(update={"path": str(path)})
+    return str(path)
 
 
 def parse_spec(*, sql: str | None, path: str | None, label: str | None,
