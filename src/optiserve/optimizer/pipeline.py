@@ -186,6 +186,9 @@ class Optimizer:
             n = len(plan)
             if get_pass(name).branches:
                 made += n * made
+            elif get_pass(name).alternative:  # its input goes on beside its n children
+                made += frontier * n
+                frontier *= n + 1
             else:
                 frontier *= n
                 made += frontier
