@@ -102,10 +102,32 @@ def optimize(model_id: str | None = None, *, registry: Registry | None = None,
     (optimizations, quantization_config, validation_dataset, accuracy_threshold, ...).
     `training_data` gives the training passes (qat, pruning, distillation, ...) their rows as
     a torch DataLoader or any iterable of batches: (inputs..., labels) tuples or dicts keyed
-    by input name (see optiserve.data.batches), instead of training_dataset."""
+    by input name (see optiserve.data.batches), instead of training_dataset. A distillation
+    student may be an nn.Module: pass_configs={"distillation": {"student": module}}."""
     body = request if request is not None else {"model_id": model_id, **fields}
-    return _optimize(registry or Registry(), parse_request(body), progress,
-                     training=training_data)
+    registry = registry or Registry()
+    with tempfile.TemporaryDirectory(prefix="optiserve-student-") as tmp:
+        if isinstance(body, dict):
+            body = _student_as_file(body, registry, Path(tmp))
+        return _optimize(registry, parse_request(body), progress, training=training_data)
+
+
+def _student_as_file(body: dict[str, Any], registry: Registry, folder: Path) -> dict[str, Any]:
+    """pass_configs.distillation.student may be an nn.Module in Python: it is written as a
+    torch.export program (traced on inputs built from the teacher's signature) for the pass."""
+    options = (body.get("pass_configs") or {}).get("distillation") or {}
+    student = options.get("student")
+    if student is None or isinstance(student, (str, Path)):
+        return body
+    from optiserve.passes.distillation import save_student
+
+    teacher = registry.resolve(body["model_id"])
+    import torch
+
+    args = tuple(torch.from_numpy(a) for a in example_arrays(teacher.signature.inputs).values())
+    path = save_student(student, args, folder / "student.pt2")
+    configs = {**body["pass_configs"], "distillation": {**options, "student": str(path)}}
+    return {**body, "pass_configs": configs}
 
 
 def benchmark(model_id: str, *, batch_sizes: list[int] = (1, 16, 32, 64),

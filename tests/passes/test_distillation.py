@@ -165,6 +165,26 @@ def test_through_optimize_a_mismatched_student_fails_the_run_and_stores_nothing(
     assert run["status"] == "failed" and "the teacher's have [[2, 10]]" in run["error"]
 
 
+def test_through_optimize_a_student_module_is_trained(tmp_path, sqlite_registry, digits,
+                                                      digits_net):
+    """From Python the student is an nn.Module: the API writes it as a program for the pass."""
+    from optiserve import api
+
+    api.register("digits", digits_net, registry=sqlite_registry,
+                 example_inputs=(torch.from_numpy(digits.X_train[:2]),))
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    np.savez(tmp_path / "data.npz", x=digits.X_train, label=digits.y_train)
+    data = {"source": "file", "path": str(tmp_path / "data.npz"), "label_column": "label"}
+    result = api.optimize("digits", registry=sqlite_registry, optimizations=["distillation"],
+                          pass_configs={"distillation": {"student": student, "steps": 200}},
+                          training_dataset=data, validation_dataset=data,
+                          accuracy_threshold=0.8, iterations=5, warmup=0)
+    distilled = [c for c in result.candidates if c.artifact.label.startswith("distillation")]
+    assert distilled and "student student.pt2" in " ".join(distilled[0].artifact.notes)
+    assert distilled[0].evaluation.value > 0.8
+
+
 def test_a_student_path_that_is_no_file_is_refused(tmp_path, settings, images,
                                                    teacher_artifact):
     with pytest.raises(ConfigError, match=r"student '.*missing.pt2' is not a file"):

@@ -30,9 +30,9 @@ from optiserve.core.deps import require
 from optiserve.core.errors import ConfigError, first_line
 from optiserve.passes.base import Artifact, Pass, PassContext, PassSkipped
 from optiserve.passes.fake_quant import graph_module
-from optiserve.passes.structured_pruning import (channel_groups, default_round_to, drop_unused,
-                                                 kept_count, layer_parts, left_alone,
-                                                 prunable, shrink)
+from optiserve.passes.channels import (channel_groups, drop_unused, kept_count, layer_parts,
+                                       left_alone, prunable, shrink)
+from optiserve.passes.structured_pruning import default_round_to
 from optiserve.passes.training import (Trainer, as_list, deadline, model_stats, outputs,
                                        require_torch_model, save_program, stats_note,
                                        stopped_note, training_rows)
