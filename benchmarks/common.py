@@ -194,6 +194,17 @@ def run_stage(script: Path, *args: str, log: Path | None = None,
             "other_cpu_busy": None if other is None else round(other, 3)}
 
 
+def stage(script: Path, args: list[str], log: Path, timeout: float) -> dict[str, Any]:
+    """run_stage, with a failure or a time-out recorded ({"error": ...}) instead of ending the
+    whole benchmark."""
+    try:
+        return run_stage(script, *args, log=log, timeout=timeout)
+    except SystemExit as exc:
+        return {"error": str(exc)}
+    except subprocess.TimeoutExpired:
+        return {"error": f"stage {' '.join(args[:4])} ran past {timeout:.0f} s"}
+
+
 # -- the sentence pool ----------------------------------------------------------------------
 def sentence_pool(n_total: int = 350, seed: int = 0) -> tuple[list[str], list[dict[str, str]]]:
     """The demo's sentence pool (optiserve.demo.sentences), with each sentence's source."""

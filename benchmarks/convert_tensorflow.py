@@ -39,7 +39,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -226,12 +225,7 @@ def _quality(workdir: Path, variant: str) -> dict:
 
 # -- orchestration ------------------------------------------------------------------------------
 def _stage(args: list[str], log: Path, timeout: float = 1200) -> dict:
-    try:
-        return common.run_stage(SCRIPT, *args, log=log, timeout=timeout)
-    except SystemExit as exc:
-        return {"error": str(exc)}
-    except subprocess.TimeoutExpired:
-        return {"error": f"stage {' '.join(args[:2])} ran past {timeout:.0f} s"}
+    return common.stage(SCRIPT, args, log, timeout)
 
 
 def run(variants: list[str], a, workdir: Path, console) -> dict:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -192,12 +191,7 @@ def stage_variant(model: str, variant: str, workdir: Path, max_seconds: float,
 
 # -- orchestration ---------------------------------------------------------------------
 def _stage(args: list[str], log: Path, timeout: float = 600) -> dict:
-    try:
-        return common.run_stage(SCRIPT, *args, log=log, timeout=timeout)
-    except SystemExit as exc:
-        return {"error": str(exc)}
-    except subprocess.TimeoutExpired:
-        return {"error": f"stage {' '.join(args[:4])} ran past {timeout:.0f} s"}
+    return common.stage(SCRIPT, args, log, timeout)
 
 
 def _quality(workdir: Path, model: str, variant: str) -> dict:

@@ -12,11 +12,11 @@ import pytest
 
 from optiserve.core.errors import ConfigError
 from optiserve.passes import Artifact, PassContext, PassSkipped, get_pass
-# images and one_thread are fixtures (one_thread autouse): shared, not re-defined here
+# images is a fixture: shared, not re-defined here
 from tests.passes.test_structured_pruning import (as_program, images, make_cnn,  # noqa: F401
-                                                  one_thread, register, rows, trained, weights)
+                                                  register, rows, trained, weights)
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 torch = pytest.importorskip("torch")
 nn = torch.nn
 

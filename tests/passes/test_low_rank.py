@@ -21,20 +21,12 @@ from optiserve.passes import Artifact, PassContext, PassSkipped, get_pass
 from tests.builders import linear_onnx, save_onnx
 from tests.passes.helpers import onnx_artifact, run_pass
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
 LAYER = re.compile(r"(\S+) \((\d+)x(\d+)(?:x\d+)*\) rank (\d+)/(\d+)")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two intra-op threads on a busy two-core box make these tiny steps much slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -18,18 +18,10 @@ from optiserve.passes import Artifact, PassContext, PassSkipped, get_pass
 from tests.builders import linear_onnx, op_counts, save_onnx
 from tests.passes.helpers import onnx_artifact
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two intra-op threads on a busy two-core box make these tiny steps 50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from optiserve.core.errors import ConfigError, OptiserveError, UnknownNameError
 from optiserve.core.settings import Settings
 from optiserve.core.types import Signature
+from optiserve.passes.base import parse_options
 
 EXPORTERS: dict[str, str] = {
     "torchscript": "optiserve.exporters.torchscript:TorchScriptExporter",
@@ -131,16 +132,7 @@ class Exporter:
 
     @classmethod
     def parse_config(cls, values: dict[str, Any] | None) -> BaseModel:
-        try:
-            return cls.Config(**(values or {}))
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(str(p) for p in err.get("loc", ())) or "option"
-            fields = ", ".join(cls.Config.model_fields) or "none"
-            raise ConfigError(
-                f"Option '{where}' of the {cls.format} export is invalid: {err.get('msg')} "
-                f"(got {err.get('input')!r}).", hint=f"Options of '{cls.format}': {fields}."
-            ) from None
+        return parse_options(cls.Config, values, f"the {cls.format} export", cls.format)
 
 
 def get_exporter(format: str) -> type[Exporter]:

@@ -116,16 +116,22 @@ class Pass:
 
     @classmethod
     def parse_config(cls, values: dict[str, Any] | None) -> BaseModel:
-        try:
-            return cls.Config(**(values or {}))
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(str(p) for p in err.get("loc", ())) or "config"
-            fields = ", ".join(cls.Config.model_fields)
-            raise ConfigError(
-                f"Option '{where}' of pass '{cls.name}' is invalid: {err.get('msg')} "
-                f"(got {err.get('input')!r}).", hint=f"Options of '{cls.name}': {fields}."
-            ) from None
+        return parse_options(cls.Config, values, f"pass '{cls.name}'", cls.name)
+
+
+def parse_options(config: type[BaseModel], values: dict[str, Any] | None, owner: str,
+                  name: str) -> BaseModel:
+    """`values` validated by `config`; the first problem as one ConfigError naming the option,
+    what was given and the options there are."""
+    try:
+        return config(**(values or {}))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err.get("loc", ())) or "option"
+        fields = ", ".join(config.model_fields) or "none"
+        raise ConfigError(f"Option '{where}' of {owner} is invalid: {err.get('msg')} "
+                          f"(got {err.get('input')!r}).",
+                          hint=f"Options of '{name}': {fields}.") from None
 
 
 def get_pass(name: str) -> type[Pass]:
