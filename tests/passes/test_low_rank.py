@@ -323,6 +323,12 @@ def test_optimize_gates_and_times_the_factored_candidates(sqlite_registry, tmp_p
                       "onnx_conversion"]
     assert all(c.gate is not None and c.latency[1].p50_ms > 0 for c in result.candidates)
     assert result.status == "completed" and result.chosen.gate.passed
+    # the report carries parameters and MACs before/after, to the ONNX made from it too
+    cands = result.details()["details"]["candidates"]
+    stats = [c["model_stats"] for c in cands]
+    assert stats[0] == stats[1] and stats[2] is None
+    assert stats[0]["params"][1] < stats[0]["params"][0]
+    assert stats[0]["macs"][1] < stats[0]["macs"][0]
     notes = " | ".join(result.candidates[1].artifact.notes)
     assert "low_rank: factored" in notes and "low_rank fine-tuning: 300 steps" in notes
     # the reported speed-up is the measured one, whichever candidate won

@@ -40,6 +40,9 @@ class Candidate:
             "metric": self.evaluation.metric, "value": self.evaluation.value,
             "n": self.evaluation.n, "metric_details": self.evaluation.details,
             "parity": self.parity, "notes": self.artifact.notes,
+            # parameters / non-zero parameters / MACs per row, [before, after] the pass that
+            # shrank the network (training passes), carried to the candidates made from it
+            "model_stats": self.artifact.meta.get("model_stats"),
             "latency": {f"batch_{bs}": lat.as_dict() for bs, lat in self.latency.items()},
             "gate": None if self.gate is None else {
                 "passed": self.gate.passed, "ratio": round(self.gate.ratio, 5),

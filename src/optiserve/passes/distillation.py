@@ -34,8 +34,8 @@ from optiserve.passes.channels import (channel_groups, drop_unused, kept_count, 
                                        left_alone, prunable, shrink)
 from optiserve.passes.structured_pruning import default_round_to
 from optiserve.passes.training import (Trainer, as_list, deadline, model_stats, outputs,
-                                       require_torch_model, save_program, stats_note,
-                                       stopped_note, training_rows)
+                                       require_torch_model, save_program, stats_meta,
+                                       stats_note, stopped_note, training_rows)
 
 LOSSES = {"kl": "KL divergence to the teacher's softened class scores",
           "cosine": "cosine distance to the teacher's outputs",
@@ -124,7 +124,8 @@ class Distillation(Pass):
                 f"{stopped_note(done, config.steps, by_run, config.max_seconds)}), loss "
                 f"{before:.3g} -> {after:.3g}; {agreement}; teacher -> student "
                 f"{stats_note(*sizes)}")
-        return artifact.then(out, self.name, config, format="pt2", notes=[note])
+        return artifact.then(out, self.name, config, format="pt2", notes=[note],
+                             meta=stats_meta(*sizes))
 
 
 # -- the student ------------------------------------------------------------------------------

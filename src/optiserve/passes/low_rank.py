@@ -34,8 +34,8 @@ from optiserve.core.deps import require
 from optiserve.passes.base import Artifact, Pass, PassContext, PassSkipped
 from optiserve.passes.fake_quant import _CONV, _get_attr, _op, _set_param, graph_module
 from optiserve.passes.training import (LOSSES, Trainer, deadline, loss_plan, model_stats,
-                                       outputs, require_torch_model, save_program, stats_note,
-                                       stopped_note, training_rows)
+                                       outputs, require_torch_model, save_program, stats_meta,
+                                       stats_note, stopped_note, training_rows)
 
 DEFAULT_ENERGY = 0.9
 
@@ -113,8 +113,8 @@ class LowRank(Pass):
         for i, layer in enumerate(chosen):
             factor(torch, gm, layer, i)
         drop_unused_weights(gm, [layer.weight for layer in chosen])
-        notes = [factor_note(chosen, left, rule_text(config, fraction), size_before,
-                             model_stats(torch, gm, args))]
+        size_after = model_stats(torch, gm, args)
+        notes = [factor_note(chosen, left, rule_text(config, fraction), size_before, size_after)]
         if tuner is None:
             notes.append("low_rank: not fine-tuned ("
                          + ("steps=0" if config.steps == 0 else
@@ -124,7 +124,7 @@ class LowRank(Pass):
             notes.append(tuner.run(*deadline(ctx, config.max_seconds, started), total))
         out = save_program(torch, gm, signature, data, ctx.workdir / "low_rank.pt2")
         return artifact.then(out, self.name, config, format="pt2", signature=signature,
-                             notes=notes)
+                             notes=notes, meta=stats_meta(size_before, size_after))
 
 
 # -- layers ----------------------------------------------------------------------------------

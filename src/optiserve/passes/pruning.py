@@ -36,8 +36,8 @@ from optiserve.core.deps import require
 from optiserve.passes.base import Artifact, Pass, PassContext, PassSkipped
 from optiserve.passes.fake_quant import _CONV, _get_attr, _op, graph_module
 from optiserve.passes.training import (LOSSES, Trainer, deadline, loss_plan, model_stats,
-                                       outputs, require_torch_model, save_program, stats_note,
-                                       stopped_note, training_rows)
+                                       outputs, require_torch_model, save_program, stats_meta,
+                                       stats_note, stopped_note, training_rows)
 
 DENSE_RUNTIMES = ("unstructured zeros do not make a dense runtime faster: ONNX Runtime and "
                   "OpenVINO CPU kernels compute them; the gain is in size (compressed storage): "
@@ -432,10 +432,12 @@ def _finish(artifact: Artifact, name: str, config: BaseModel, job: SimpleNamespa
     notes = [*notes,
              f"sparsity {pruned:.1%} of the pruned weights, {overall:.1%} of all Conv/Linear "
              f"weights; per layer: {', '.join(per_layer)}",
-             stats_note(job.before, model_stats(torch, job.gm, job.args)), DENSE_RUNTIMES]
+             stats_note(job.before, after := model_stats(torch, job.gm, job.args)),
+             DENSE_RUNTIMES]
     return artifact.then(out, name, config, format="pt2", signature=artifact.signature,
                          notes=notes, meta={**meta, "sparsity": round(overall, 4),
-                                            "pruned_sparsity": round(pruned, 4)})
+                                            "pruned_sparsity": round(pruned, 4),
+                                            **stats_meta(job.before, after)})
 
 
 def _weight_targets(gm: Any) -> list[str]:

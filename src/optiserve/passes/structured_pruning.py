@@ -34,8 +34,8 @@ from optiserve.passes.channels import (Group, blocked_error, channel_groups, dro
                                        left_alone, prunable, shrink)
 from optiserve.passes.fake_quant import _quiet, graph_module
 from optiserve.passes.training import (LOSSES, Trainer, deadline, loss_plan, model_stats,
-                                       outputs, require_torch_model, save_program, stats_note,
-                                       stopped_note, training_rows)
+                                       outputs, require_torch_model, save_program, stats_meta,
+                                       stats_note, stopped_note, training_rows)
 
 
 # -- the pass --------------------------------------------------------------------------------
@@ -131,12 +131,14 @@ class StructuredPruning(Pass):
                 f"{round_to}): " + "; ".join(job.lines) + "; kept step(s) "
                 + ", ".join(map(str, job.kept)) + "; channels "
                 + ", ".join(f"'{k}' {a} -> {b}" for k, (a, b) in job.channels.items())
-                + f"; {stats_note(stats_start, model_stats(torch, gm, args))}; {job.done} steps "
+                + f"; {stats_note(stats_start, stats_end := model_stats(torch, gm, args))}; "
+                f"{job.done} steps "
                 f"of fine-tuning ({LOSSES[kind]}, {rows}{f' of {total}' if total > rows else ''}"
                 f" rows of {ctx.training.description or 'the training data'}{stopped}), loss "
                 f"{loss_start:.3g} unpruned -> {job.trainer.evaluate():.3g}"
                 + left_alone(groups, round_to))
-        return artifact.then(out, self.name, config, format="pt2", notes=[note])
+        return artifact.then(out, self.name, config, format="pt2", notes=[note],
+                             meta=stats_meta(stats_start, stats_end))
 
 
 def default_round_to(ctx: PassContext) -> int:

@@ -283,6 +283,12 @@ def _attr(gm: Any, target: str) -> Any:
     return obj
 
 
+def stats_meta(before: dict[str, int], after: dict[str, int]) -> dict[str, Any]:
+    """The artifact's `model_stats` fact (the report's size columns): each count before and
+    after the pass."""
+    return {"model_stats": {k: [before[k], after[k]] for k in before}}
+
+
 def stats_note(before: dict[str, int], after: dict[str, int]) -> str:
     """'parameters 57,290 -> 14,826, MACs per row 8.18M -> 2.32M'."""
     def m(x: int) -> str:
