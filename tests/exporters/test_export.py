@@ -15,6 +15,9 @@ from optiserve.data.sources import DatasetSpec
 from optiserve.exporters import ExportError, Tolerance, export_version, reachable, verify
 from optiserve.runtimes.base import load_runtime
 from tests.cli.test_cli import cli, one_line_error
+from tests.server import conftest as server_conftest
+
+make_server = server_conftest.make_server  # a real server on a loopback port, as tests/server use
 
 pytestmark = pytest.mark.integration
 torch = pytest.importorskip("torch")
@@ -75,7 +78,8 @@ def test_torchscript_from_a_module_is_eval_frozen_and_matches_eager(sqlite_regis
         assert torch.allclose(loaded(x), eager, atol=1e-5) and torch.equal(loaded(x), loaded(x))
     assert set(res.latency) == {"source", "export"} and set(res.latency["export"]) == {1, 4}
     assert v.meta["exported_from"] == "cnn:1" and "export" in v.meta
-    assert sqlite_registry.resolve("cnn").version == 2
+    # an export is served or optimized only when named: "cnn" is still the ready version 1
+    assert v.status == "exported" and sqlite_registry.resolve("cnn").version == 1
 
 
 def test_torchscript_from_a_torch_export_program(sqlite_registry, cnn):
@@ -149,6 +153,28 @@ def test_openvino_static_int8_is_held_to_cosine(sqlite_registry, cnn, digits, tm
     assert "INT8" in " ".join(res.notes)
 
 
+def test_an_export_is_served_when_named_and_never_by_latest(make_server, cnn, digits):
+    """A deployment's "latest" keeps the ready version; a "specific" policy serves the .ort
+    file in ONNX Runtime, with the same outputs as the source."""
+    live = make_server(jobs=False)
+    api.register("cnn", cnn, example_inputs=(torch.randn(2, 1, 8, 8),), registry=live.registry)
+    exported = api.export("cnn", "ort", registry=live.registry, **FAST).version
+    http = live.client()
+    x = digits.X_val[:3].reshape(3, 1, 8, 8)
+    body = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                        "data": x.ravel().tolist()}]}
+    assert http.put("/api/v1/deployments/cnn", json={"model": "cnn"}).status_code == 200
+    assert http.post("/v2/models/cnn/infer", json=body).json()["model_version"] == "1"
+    r = http.put("/api/v1/deployments/cnn", json={
+        "model": "cnn", "versions": {"specific": [exported.version]}})
+    assert r.status_code == 200, r.text
+    r = http.post("/v2/models/cnn/infer", json=body)
+    assert r.status_code == 200 and r.json()["model_version"] == str(exported.version), r.text
+    got = np.asarray(r.json()["outputs"][0]["data"]).reshape(3, 10)
+    with torch.inference_mode():
+        np.testing.assert_allclose(got, cnn.eval()(torch.from_numpy(x)).numpy(), atol=1e-4)
+
+
 # -- bad input: a clear error, nothing stored -------------------------------------------------
 def test_tree_model_cannot_reach_openvino_and_is_told_ort(sqlite_registry, forest):
     api.register("forest", forest, registry=sqlite_registry)
@@ -214,7 +240,7 @@ def test_calibration_rows_apart_from_check_rows_and_a_caller_tolerance(sqlite_re
     assert res.verification["rows"].startswith("397 rows of")
     assert res.verification["tolerance"] == "mean cosine >= 0.9, arg-max agreement >= 80%"
     with pytest.raises(ConfigError, match="Unknown tolerance 'cosine'"):
-        api.export("cnn:1", "ort", tolerance={"cosine": 0.9}, registry=sqlite_registry)
+        api.export("cnn", "ort", tolerance={"cosine": 0.9}, registry=sqlite_registry)
 
 
 def test_outputs_are_paired_by_position_when_names_differ():

@@ -9,7 +9,10 @@ Every format goes through the same four steps, so none of them can skip one:
    tolerance. Outside it, nothing is stored and the error gives the numbers;
 3. **time**: both are timed in fresh processes at the requested batch sizes;
 4. **register**: the file becomes the next version of the model, with the source as its parent
-   and the chain (conversion + export and their options) as its lineage.
+   and the chain (conversion + export and their options) as its lineage, and the status
+   `exported`: a deployment artifact for another runtime or device, so `MODEL` (the latest ready
+   version) and a deployment's "latest N" policy never switch to it unasked; name it
+   (`MODEL:N`, a "specific" policy) to optimize, export or serve it.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ CONVERTIBLE = ("pkl", "skops", "xgboost", "xgboost_ubj", "lightgbm", "torchscrip
 SYNTHETIC_ROWS = 32
 #: most rows verified (and used to calibrate)
 MAX_ROWS = 1000
+#: the status of an exported version (see step 4 above)
+EXPORTED = "exported"
 
 
 @dataclass
@@ -133,7 +138,8 @@ def export_version(registry: Registry, ref: str, format: str, *,
         stored = registry.add_version(
             version.model, exported.path, framework=exporter_cls.framework, format=format,
             signature=exported.signature, parent=version.version, passes=passes,
-            metrics=_headline(verification), meta=meta, suffix=EXTENSIONS[format])
+            metrics=_headline(verification), meta=meta, suffix=EXTENSIONS[format],
+            status=EXPORTED)
         files = _write(exported, folder) if folder else []
     return ExportResult(version=stored, source=version, verification=verification,
                         latency=latency, notes=notes, files=files)

@@ -217,7 +217,7 @@ class Registry:
             if ready:
                 return ready[-1]
             raise ModelNotFound(name, known=[name], detail=(
-                f"Every version of model '{name}' is a rejected candidate.",
+                f"Every version of model '{name}' is a rejected candidate or an export.",
                 f"Name one explicitly, e.g. {name}:{versions[-1].version}, or register again."))
         else:
             for v in versions:
