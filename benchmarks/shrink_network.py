@@ -109,19 +109,13 @@ def _pool8(x: np.ndarray) -> np.ndarray:
 
 
 def _wide_mlp(torch, x: np.ndarray, y: np.ndarray):
+    from optiserve.demo.models import fit
+
     nn = torch.nn
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
                         nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
-    opt = torch.optim.Adam(net.parameters(), 1e-3)
-    xs, ys = torch.from_numpy(x), torch.from_numpy(y)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        for idx in torch.randperm(len(xs), generator=gen).split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(net(xs[idx]), ys[idx]).backward()
-            opt.step()
-    return net
+    return fit(net, x, y, epochs=20)
 
 
 # -- optiserve's artifacts ---------------------------------------------------------------------

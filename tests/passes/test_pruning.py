@@ -13,6 +13,7 @@ import pytest
 import optiserve
 from optiserve.core.errors import ConfigError
 from optiserve.data.binding import Dataset
+from optiserve.demo.models import fit
 from optiserve.passes import Artifact, PassContext, PassSkipped, get_pass
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
@@ -40,15 +41,7 @@ class DigitsCNN(nn.Module):
 def cnn(digits):
     torch.manual_seed(0)
     net = DigitsCNN()
-    opt = torch.optim.Adam(net.parameters(), 3e-3)
-    xs, ys = torch.from_numpy(digits.X_train), torch.from_numpy(digits.y_train)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(12):
-        for idx in torch.randperm(len(xs), generator=gen).split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(net(xs[idx]), ys[idx]).backward()
-            opt.step()
-    return net.eval()
+    return fit(net, digits.X_train, digits.y_train, epochs=12, lr=3e-3)
 
 
 def _register(obj, workdir: Path, example) -> Artifact:

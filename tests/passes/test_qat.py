@@ -14,6 +14,7 @@ import pytest
 from onnx import numpy_helper
 
 from optiserve.data.binding import Dataset
+from optiserve.demo.models import fit
 from optiserve.passes import Artifact, PassContext, PassSkipped, get_pass
 from tests.builders import linear_onnx, op_counts, save_onnx
 from tests.passes.helpers import onnx_artifact
@@ -251,15 +252,7 @@ class BasicBlock(nn.Module):
 
 def _trained(net, digits8, *, epochs: int):
     """`net` trained with Adam on the 8x8 digits for `epochs`, in eval mode."""
-    opt = torch.optim.Adam(net.parameters(), 3e-3)
-    xs, ys = torch.from_numpy(digits8.x_train), torch.from_numpy(digits8.y_train)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(xs), generator=gen).split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(net(xs[idx]), ys[idx]).backward()
-            opt.step()
-    return net.eval()
+    return fit(net, digits8.x_train, digits8.y_train, epochs=epochs, lr=3e-3)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,9 @@ import pytest
 
 from optiserve.core.errors import ConfigError
 from optiserve.data.binding import Dataset
+from optiserve.demo.models import fit
 from optiserve.passes import Artifact, PassContext, PassSkipped, get_pass
+from tests.passes.test_qat import BasicBlock
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 torch = pytest.importorskip("torch")
@@ -31,15 +33,7 @@ def images(digits) -> SimpleNamespace:
 def trained(net, x: np.ndarray, y: np.ndarray, *, epochs: int):
     """`net` trained with Adam on (x, y) for `epochs`, in eval mode."""
     torch.manual_seed(0)
-    opt = torch.optim.Adam(net.parameters(), 3e-3)
-    xs, ys = torch.from_numpy(x), torch.from_numpy(y)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(xs), generator=gen).split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(net(xs[idx]), ys[idx]).backward()
-            opt.step()
-    return net.eval()
+    return fit(net, x, y, epochs=epochs, lr=3e-3)
 
 
 def make_cnn():
@@ -206,19 +200,6 @@ def test_a_step_that_is_not_faster_is_rejected_and_says_so(tmp_path, settings, d
 
 
 # -- other architectures ----------------------------------------------------------------------
-class BasicBlock(nn.Module):
-    """ResNet's: conv-BN-ReLU, conv-BN, plus the input (or its 1x1 projection), ReLU."""
-
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.c1, self.b1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
-        self.c2, self.b2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
-        self.down = None if stride == 1 and cin == cout else nn.Sequential(
-            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        y = self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))
-        return torch.relu(y + (x if self.down is None else self.down(x)))
 
 
 def test_channels_joined_by_a_residual_add_are_pruned_together(tmp_path, settings, images):

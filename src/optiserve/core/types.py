@@ -14,6 +14,11 @@ class TensorSpec(BaseModel):
     dtype: str = Field(description="numpy dtype name, e.g. 'float32', 'int64', 'str'.")
     shape: tuple[int, ...] = Field(description="Dimensions; -1 marks a dynamic one (the batch).")
 
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        """Whether rows of `shape` (any number of them) fit this tensor."""
+        return len(shape) == len(self.shape) and all(
+            d in (-1, g) for d, g in zip(self.shape[1:], shape[1:]))
+
 
 class Signature(BaseModel):
     """Inputs and outputs of a model, in call order."""

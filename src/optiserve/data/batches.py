@@ -54,8 +54,7 @@ def from_batches(batches: Iterable[Any], signature: Signature, *,
     arrays = {n: np.concatenate(v) for n, v in inputs.items()}
     for spec in signature.inputs:
         got = arrays[spec.name]
-        if got.ndim != len(spec.shape) or any(
-                d not in (-1, g) for d, g in zip(spec.shape[1:], got.shape[1:])):
+        if not spec.fits(got.shape):
             raise DatasetError(f"Training input '{spec.name}' has shape {list(got.shape)}; "
                                f"the model expects {list(spec.shape)} (-1: any size).")
     return Dataset(arrays, np.concatenate(labels) if labels else None,

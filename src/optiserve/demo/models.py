@@ -50,13 +50,20 @@ def digits_cnn(x_train: np.ndarray, y_train: np.ndarray, epochs: int = 6) -> Any
         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(1024, 128), nn.ReLU(), nn.Linear(128, 10))
-    opt = torch.optim.Adam(net.parameters(), 1e-3)
-    xs, ys = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    return fit(net, x_train, y_train, epochs=epochs)
+
+
+def fit(net: Any, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float = 1e-3) -> Any:
+    """`net` trained on class labels with Adam in batches of 64 (a fixed order, seed 0) for
+    `epochs`, returned in eval mode: the demo's and the benchmarks' small classifiers."""
+    torch = require("torch", extra="torch", feature="Training a demo model")
+    opt = torch.optim.Adam(net.parameters(), lr)
+    xs, ys = torch.from_numpy(x), torch.from_numpy(y)
     gen = torch.Generator().manual_seed(0)
     for _ in range(epochs):
         for idx in torch.randperm(len(xs), generator=gen).split(64):
             opt.zero_grad()
-            nn.functional.cross_entropy(net(xs[idx]), ys[idx]).backward()
+            torch.nn.functional.cross_entropy(net(xs[idx]), ys[idx]).backward()
             opt.step()
     return net.eval()
 

@@ -30,6 +30,8 @@ from optiserve.bench.latency import Latency
 from optiserve.convert.detect import EXTENSIONS
 from optiserve.convert.torch import example_arrays
 from optiserve.core.errors import ConfigError
+from optiserve.data.binding import Dataset
+from optiserve.data.metrics import cosine_rows
 from optiserve.data.sources import DatasetSpec, load
 from optiserve.exporters.base import (EXPORTERS, ExportError, Exported, Exporter, Source, Tolerance,
                                    get_exporter)
@@ -238,9 +240,7 @@ def compare(ref: np.ndarray, out: np.ndarray) -> dict[str, Any]:
     diff = np.abs(r - o)
     stats = {"max_abs_error": float(diff.max(initial=0.0)),
              "mean_abs_error": float(diff.mean()) if diff.size else 0.0}
-    flat_r, flat_o = r.reshape(len(r), -1), o.reshape(len(o), -1)
-    norms = np.linalg.norm(flat_r, axis=1) * np.linalg.norm(flat_o, axis=1)
-    cos = np.where(norms > 0, np.sum(flat_r * flat_o, axis=1) / np.maximum(norms, 1e-300), 1.0)
+    cos = cosine_rows(r, o)
     stats["mean_cosine"] = float(cos.mean()) if cos.size else 1.0
     stats["min_cosine"] = float(cos.min()) if cos.size else 1.0
     if r.ndim == 2 and r.shape[1] > 1:
@@ -295,7 +295,7 @@ def _fix_hint(tol: Tolerance) -> str:
 def _time(registry: Registry, version: VersionInfo, exported: Exported, fmt: str,
           rows: dict[str, np.ndarray], batch_sizes: tuple[int, ...],
           iterations: int) -> dict[str, dict[int, Latency]]:
-    inputs = {bs: _batch(rows, bs) for bs in batch_sizes}
+    inputs = {bs: Dataset(rows, None, "").take(bs) for bs in batch_sizes}
     threads = registry.settings.threads
     timed = {}
     for which, path, sig, kind in (
@@ -305,12 +305,6 @@ def _time(registry: Registry, version: VersionInfo, exported: Exported, fmt: str
                                              inputs=inputs, warmup=min(20, iterations),
                                              iterations=iterations, max_seconds=10)
     return timed
-
-
-def _batch(rows: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    n = len(next(iter(rows.values())))
-    idx = np.arange(size) % n
-    return {k: np.ascontiguousarray(v[idx]) for k, v in rows.items()}
 
 
 def _output_folder(output: str | Path) -> Path:

@@ -61,8 +61,7 @@ def training_rows(artifact: Artifact, ctx: PassContext, name: str, *, keep: int 
             raise PassSkipped(f"the training data has no input '{spec.name}' (it has "
                               f"{', '.join(sorted(train.inputs))})")
         arr, want = np.asarray(train.inputs[spec.name]), np.dtype(spec.dtype)
-        if arr.ndim != len(spec.shape) or any(
-                d not in (-1, g) for d, g in zip(spec.shape[1:], arr.shape[1:])):
+        if not spec.fits(arr.shape):
             raise PassSkipped(f"training input '{spec.name}' has shape {list(arr.shape)}; the "
                               f"model expects {list(spec.shape)} (-1: any size)")
         if (arr.dtype.kind == "f") != (want.kind == "f"):
@@ -251,11 +250,11 @@ def model_stats(torch: Any, gm: Any, args: tuple) -> dict[str, int]:
     layers of an FX GraphModule, from shapes propagated on `args`."""
     from torch.fx.passes.shape_prop import ShapeProp
 
-    from optiserve.passes.fake_quant import _CONV, _op
+    from optiserve.passes.fake_quant import _CONV, _get_attr, _op
 
     with torch.no_grad():
         ShapeProp(gm).propagate(*args)
-    used = [_attr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr" and n.users]
+    used = [_get_attr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr" and n.users]
     tensors = [t for t in used if isinstance(t, torch.Tensor) and t.is_floating_point()]
     params = sum(int(t.numel()) for t in tensors)
     nonzero = sum(int((t != 0).sum()) for t in tensors)
@@ -274,13 +273,6 @@ def model_stats(torch: Any, gm: Any, args: tuple) -> dict[str, int]:
         per_output = int(np.prod(shape[1:]))  # in/groups x kernel (conv) or in (linear)
         macs += out * per_output
     return {"params": params, "nonzero_params": nonzero, "macs": macs}
-
-
-def _attr(gm: Any, target: str) -> Any:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def stats_meta(before: dict[str, int], after: dict[str, int]) -> dict[str, Any]:
