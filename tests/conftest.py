@@ -45,6 +45,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def optiserve_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh OPTISERVE_HOME, a clean environment and a private temp dir for every test."""
     for key in list(os.environ):
+        if key == "OPTISERVE_CPU_FLAGS":  # describes the (emulated) CPU, not a user's setting
+            continue
         if key.startswith("OPTISERVE_") or key in _SEED_VARS:
             monkeypatch.delenv(key)
     home = tmp_path / "home"

@@ -37,3 +37,16 @@ def test_this_machine_is_read():
     hw = detect()
     assert hw.cores >= 1 and "CPUExecutionProvider" in hw.ort_providers
     assert hw.summary().startswith(hw.cpu) and "cores" in hw.summary()
+
+
+def test_cpu_flags_can_be_given_for_an_emulated_cpu(monkeypatch):
+    """Under `qemu-x86_64 -cpu Haswell` /proc/cpuinfo shows the host's flags while the libraries
+    see the emulated CPU's: OPTISERVE_CPU_FLAGS makes optiserve's choices agree with them."""
+    monkeypatch.setenv("OPTISERVE_CPU_FLAGS", "avx2,fma sse4_2")
+    detect.cache_clear()
+    try:
+        hw = detect()
+        assert set(hw.flags) == {"avx2"}  # the flags optiserve reads; fma and sse4_2 are not
+        assert hw.int8_reduce_range and "OPTISERVE_CPU_FLAGS" in hw.cpu
+    finally:
+        detect.cache_clear()

@@ -25,6 +25,7 @@ def _scales(path) -> dict[str, tuple[int, ...]]:
             if i.name.startswith("W") and i.name.endswith("_scale")}
 
 
+@pytest.mark.cpu_numerics
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_dynamic_int8_graph_and_outputs(tmp_path, settings, mlp_path, per_channel):
     out = run_pass("quantization", onnx_artifact(mlp_path), settings, tmp_path / "wd",

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from optiserve.core.errors import ConfigError
-from optiserve.core.hardware import Hardware
+from optiserve.core.hardware import Hardware, detect
 from optiserve.data.binding import Dataset
 from optiserve.optimizer.search import expand, fallbacks
 from optiserve.passes import PassContext, PassSkipped, get_pass
@@ -24,10 +24,18 @@ VNNI = Hardware(arch="x86_64", cpu="test CPU", cores=1, flags=("avx2", "avx512f"
 NO_VNNI = Hardware(arch="x86_64", cpu="test CPU", cores=1, flags=("avx2",))
 ARM = Hardware(arch="aarch64", cpu="test CPU", cores=1, flags=("asimddp",))
 METHODS = ["minmax", "percentile", "entropy"]
+# The CPU the suite runs on. A quantized model's accuracy is checked in the mode the pass picks
+# for it: on x86 without VNNI (AVX2 only) an 8-bit u8 x s8 product saturates in ONNX Runtime's
+# kernel (S8S8 runs as U8S8 there), so the pass picks U8S8 with 7-bit weights; checking a
+# VNNI-mode file on that CPU would measure a mode no user of it gets (errors of 0.18 instead of
+# 0.01, benchmarks/int8_formats.py). Graph and note checks name their hardware explicitly.
+HERE = detect()
+HERE_ACT = "U8S8" if HERE.int8_reduce_range else "S8S8"
 
 
-def _static(path, rows, tmp_path, settings, hardware=VNNI, **options):
-    """Run the pass as the optimizer does, static by default, with calibration rows."""
+def _static(path, rows, tmp_path, settings, hardware=HERE, **options):
+    """Run the pass as the optimizer does, static by default, with calibration rows, for the
+    CPU the suite runs on unless `hardware` says otherwise."""
     cls = get_pass("quantization")
     workdir = tmp_path / "wd"
     workdir.mkdir(exist_ok=True)
@@ -67,10 +75,18 @@ def _inits(path) -> dict[str, np.ndarray]:
 
 
 def _close(got, ref, *, rel: float = 0.1, agree: float = 0.9) -> None:
+    """Relative L2 error under `rel`, and the arg-max kept on the rows FP32 decides clearly:
+    those whose top-2 margin exceeds 2 x rel x the outputs' RMS, a gap an error of that size
+    does not close. Rows nearer a tie may flip with any INT8 mode (a random model on random
+    inputs has many: the small CNN's median margin is 0.025 against errors of about 0.01), so
+    they are not counted; at least a tenth of the rows must be clear."""
     assert np.isfinite(got).all()
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < rel
-    assert (got.reshape(len(got), -1).argmax(1) == ref.reshape(len(ref), -1).argmax(1)).mean() \
-        >= agree
+    g, r = got.reshape(len(got), -1), ref.reshape(len(ref), -1)
+    top2 = np.sort(r, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * rel * np.sqrt((r ** 2).mean())
+    assert clear.mean() >= 0.1
+    assert (g.argmax(1) == r.argmax(1))[clear].mean() >= agree
 
 
 @pytest.fixture
@@ -84,6 +100,7 @@ def eval_x():
 
 
 # -- graph and outputs ---------------------------------------------------------------------------
+@pytest.mark.cpu_numerics
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("calibrate_method", METHODS)
 def test_qdq_graph_and_outputs(tmp_path, settings, mlp_path, eval_x, calibrate_method,
@@ -102,8 +119,8 @@ def test_qdq_graph_and_outputs(tmp_path, settings, mlp_path, eval_x, calibrate_m
     assert scales == ([(128,), (128,), (10,)] if per_channel else [(), (), ()])
     assert out.passes[-1]["set"]["calibrate_method"] == calibrate_method
     note = out.notes[0]
-    assert note.startswith("static INT8 QDQ S8S8 " + ("per-channel" if per_channel
-                                                       else "per-tensor"))
+    assert note.startswith(f"static INT8 QDQ {HERE_ACT} " + ("per-channel" if per_channel
+                                                             else "per-tensor"))
     assert f"calibration on 256 rows of test rows in chunks of 16, peak memory +" in note
     assert not any("left in FP32" in n for n in out.notes)
 
@@ -112,6 +129,7 @@ def test_qdq_graph_and_outputs(tmp_path, settings, mlp_path, eval_x, calibrate_m
     _close(got, ref, rel=0.15 if calibrate_method == "entropy" else 0.05)
 
 
+@pytest.mark.cpu_numerics
 @pytest.mark.parametrize("calibrate_method", METHODS)
 def test_qoperator_graph_and_outputs(tmp_path, settings, mlp_path, eval_x, calibrate_method):
     out = _static(mlp_path, _rows(), tmp_path, settings, calibrate_method=calibrate_method,
@@ -146,6 +164,7 @@ def _cnn(tmp_path):
     return save_onnx(model, tmp_path / "cnn.onnx"), x
 
 
+@pytest.mark.cpu_numerics
 @pytest.mark.parametrize("quant_format", ["qdq", "qoperator"])
 def test_cnn_conv_per_channel(tmp_path, settings, quant_format):
     path, x = _cnn(tmp_path)
@@ -176,10 +195,17 @@ def test_activation_type_sets_zero_point_types(tmp_path, settings, mlp_path, act
     assert ("S8S8" if activation_type == "qint8" else "U8S8") in out.notes[0]
 
 
+@pytest.mark.cpu_numerics
 def test_symmetric_activations_have_zero_zero_points(tmp_path, settings, mlp_path, eval_x):
+    """Symmetric: every activation's zero point (one a QuantizeLinear reads at run time) is
+    the middle of its type's range, 0 for int8 and 128 for uint8. (Constants, like the Add
+    biases here, are quantized in the weights' range: with reduce_range a uint8 one is
+    [0, 127], centred at 64.)"""
     out = _static(mlp_path, _rows(), tmp_path, settings, activation_symmetric=True)
-    zps = [v for k, v in _inits(out.path).items() if k.endswith("_zero_point")]
-    assert zps and all((z == 0).all() for z in zps)
+    inits = _inits(out.path)
+    zps = [inits[n.input[2]] for n in onnx.load(str(out.path)).graph.node
+           if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+    assert len(zps) >= 4 and all((z == (128 if z.dtype == np.uint8 else 0)).all() for z in zps)
     assert "symmetric activations" in out.notes[0] and "asymmetric" not in out.notes[0]
     _close(run_onnx(out.path, {"x": eval_x})[0], run_onnx(mlp_path, {"x": eval_x})[0], rel=0.05)
 
@@ -244,6 +270,7 @@ def _fused_block(tmp_path):
     return save_onnx(model, tmp_path / "fused.onnx"), {"x": x, "mask": mask}
 
 
+@pytest.mark.cpu_numerics
 @pytest.mark.parametrize("calibrate_method", METHODS)
 def test_fused_transformer_matmuls_are_quantized(tmp_path, settings, calibrate_method):
     path, feed = _fused_block(tmp_path)
@@ -356,6 +383,7 @@ def test_calibration_failing_twice_is_skipped(tmp_path, settings):
         _static(path, _rows(64, 16), tmp_path, settings, calibrate_method="entropy")
 
 
+@pytest.mark.cpu_numerics
 def test_an_output_softmax_stays_float_unless_op_types_are_chosen(tmp_path, settings):
     """ONNX Runtime quantizes a Softmax output on a fixed [0, 1] scale (1/255 a step): over 1000
     classes nearly every probability is below one step."""
@@ -424,6 +452,7 @@ def test_bad_calibration_data_is_skipped_with_the_reason(tmp_path, settings, mlp
     assert not list((tmp_path / "wd").glob("*.onnx"))  # checked before any work
 
 
+@pytest.mark.cpu_numerics
 def test_integer_ids_need_integer_data(tmp_path, settings):
     path = _ids_model(tmp_path)
     ids = np.random.default_rng(0).integers(0, 50, (40, 6))

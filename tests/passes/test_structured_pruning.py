@@ -125,6 +125,7 @@ def test_channels_shrink_to_multiples_of_round_to_and_accuracy_holds(
     assert acc_after >= acc_before - 0.02
 
 
+@pytest.mark.cpu_numerics
 def test_removing_dead_channels_changes_no_output(tmp_path, settings, images, cnn):
     # Channels whose weights are zero are the least important: removing them must leave every
     # output exactly as it was, through the flatten into the Linear's feature blocks.
@@ -141,7 +142,13 @@ def test_removing_dead_channels_changes_no_output(tmp_path, settings, images, cn
                 require_faster=False, steps=0)
     note = out.notes[-1]  # in two steps: the Linear first (64 -> 48), then both
     assert "kept step(s) 1, 2; channels '8' 64 -> 32, '4' 32 -> 16;" in note
-    assert "step 2: kept untimed (require_faster=false), loss 0 right after" in note
+    # The same function is computed, but not bit for bit: narrower layers sum their products
+    # in another order (another GEMM blocking, which differs between CPUs), so float32 rounding
+    # moves the outputs by ~1e-7 of their size. What is promised is equality to that rounding:
+    # every output within 1e-5 (checked below), hence each loss (an MSE) within (1e-5)^2.
+    losses = [float(v) for v in re.findall(r"loss ([-+.e\d]+) right after", note)]
+    assert len(losses) == 2 and all(0 <= v <= 1e-10 for v in losses), note
+    assert "step 2: kept untimed (require_faster=false)" in note
     with torch.no_grad():
         ref = net(torch.from_numpy(images.x_val)).numpy()
     np.testing.assert_allclose(predict(out.path, images.x_val), ref, atol=1e-5)

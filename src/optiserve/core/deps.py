@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 
 from optiserve.core.errors import MissingExtraError
 
 
 def require(module: str, *, extra: str, feature: str) -> ModuleType:
-    """Import `module` or raise an error naming the feature and the exact `pip install`."""
+    """Import `module` or raise an error naming the feature and the exact `pip install`.
+    Heavy frameworks all come through here, so their known chatter is routed to the debug
+    log first (core/quiet.py)."""
+    from optiserve.core.quiet import route_logs
+
+    route_logs()
     try:
         return importlib.import_module(module)
     except ImportError as exc:

@@ -157,14 +157,17 @@ def _fold_batch_norm(torch: Any, gm: Any) -> None:
     graph.eliminate_dead_code()
 
 
-def insert_fake_quant(torch: Any, gm: Any, *, quantize_output: bool) -> list[str]:
+def insert_fake_quant(torch: Any, gm: Any, *, quantize_output: bool,
+                      weight_bits: int = 8) -> list[str]:
     """Fake-quantize every Conv/Linear's weight, input and output (the model's output only when
     `quantize_output`); return the layers' names. Modules are named qat_weight_i, qat_input_i
-    and qat_output_i."""
+    and qat_output_i. `weight_bits` 7 keeps weights in [-64, 63], where ONNX Runtime's u8 x s8
+    kernel on x86 without VNNI cannot saturate."""
     from torch.ao.quantization import (FakeQuantize, MovingAverageMinMaxObserver,
                                        MovingAveragePerChannelMinMaxObserver)
 
     graph, layers, fq_of, read_through = gm.graph, [], {}, {}
+    w_min, w_max = -(2 ** (weight_bits - 1)), 2 ** (weight_bits - 1) - 1
 
     def call(name: str, arg: Any, module: Any = None) -> Any:
         if module is not None:
@@ -185,7 +188,7 @@ def insert_fake_quant(torch: Any, gm: Any, *, quantize_output: bool) -> list[str
         i, source = len(layers), _same_scale_source(node.args[0])
         with graph.inserting_before(node):
             node.update_arg(1, call(f"qat_weight_{i}", node.args[1], FakeQuantize(
-                observer=MovingAveragePerChannelMinMaxObserver, quant_min=-128, quant_max=127,
+                observer=MovingAveragePerChannelMinMaxObserver, quant_min=w_min, quant_max=w_max,
                 dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0)))
             if source not in fq_of:  # one quantization per tensor, however many layers read
                 if node.args[0] not in read_through:  # it (a block's conv and its downsample)
@@ -242,6 +245,7 @@ def export_qdq(torch: Any, gm: Any, args: tuple, signature: Signature, out: Path
     for module in gm.modules():  # observers would export as ops ONNX lacks (aten::copy)
         if hasattr(module, "disable_observer"):
             module.disable_observer()
+    _widen_7bit_weights(torch, gm)
     for node in gm.graph.nodes:  # jit.trace follows sizes through Tensor methods, not aten ops
         if node.op == "call_function" and str(node.target) in _TRACEABLE:
             node.target = _TRACEABLE[str(node.target)]
@@ -264,6 +268,27 @@ def export_qdq(torch: Any, gm: Any, args: tuple, signature: Signature, out: Path
     write_meta(model, {k: v for k, v in meta.items()
                        if k in ("num_heads", "hidden_size", "model_type")})
     onnx.save(model, str(out))
+
+
+def _widen_7bit_weights(torch: Any, gm: Any) -> None:
+    """The exporter writes only the 8-bit ranges (-128, 127) and (0, 255). A weight trained in
+    7 bits is replaced by its fake-quantized values (multiples of its scale in [-64, 63]) and
+    its FakeQuantize widened to 8 bits with the same, frozen scale: the file then holds the
+    very integers training saw."""
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not str(node.target).startswith("qat_weight_"):
+            continue
+        fq = gm.get_submodule(node.target)
+        if (int(fq.quant_min), int(fq.quant_max)) == (-128, 127):
+            continue
+        source = node.args[0]
+        if getattr(source, "op", None) == "get_attr":
+            with torch.no_grad():
+                _set_param(torch, gm, source.target, fq(_get_attr(gm, source.target)))
+        fq.quant_min, fq.quant_max = -128, 127
+        if hasattr(fq, "activation_post_process"):
+            fq.activation_post_process.quant_min = -128
+            fq.activation_post_process.quant_max = 127
 
 
 def _scalar_qparams(graph: onnx.GraphProto) -> None:

@@ -52,6 +52,10 @@ class QAT(Pass):
             True, description="Quantize the model's output too, so ONNX Runtime runs the last "
             "layer with an integer kernel; false keeps that layer in float (outputs exact to "
             "float precision, e.g. for regression or embeddings).")
+        reduce_range: bool | None = Field(
+            None, description="7-bit weights ([-64, 63]): trained so, because on x86 CPUs "
+            "without VNNI ONNX Runtime's u8 x s8 kernel saturates on 8-bit weights. Unset: on "
+            "exactly there (the hardware preflight decides), as for the quantization pass.")
         seed: int = Field(0, description="Seed of the batch order.")
 
     def run(self, artifact: Artifact, config: Config, ctx: PassContext) -> Artifact:
@@ -65,7 +69,10 @@ class QAT(Pass):
         gm = graph_module(torch, artifact.path, artifact.format, args)
         fp32 = outputs(torch, gm, data, artifact.signature)
         kind, targets = loss_plan(config.loss, fp32, labels)
-        layers = insert_fake_quant(torch, gm, quantize_output=config.quantize_output)
+        reduce_range = (ctx.hardware.int8_reduce_range if config.reduce_range is None
+                        else config.reduce_range)
+        layers = insert_fake_quant(torch, gm, quantize_output=config.quantize_output,
+                                   weight_bits=7 if reduce_range else 8)
         trainer = _QATTrainer(torch, gm, data, targets, kind, config, artifact.signature, ctx)
         before = trainer.evaluate()
         until, by_run = deadline(ctx, config.max_seconds, started)
@@ -82,7 +89,9 @@ class QAT(Pass):
                 f"{ctx.training.description or 'the training data'}"
                 f"{stopped}), loss {before:.3g} -> {after:.3g}; ONNX QDQ opset {opset}: "
                 + " + ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-                + f" of {len(layers)} layers quantized")
+                + f" of {len(layers)} layers quantized, "
+                + ("7-bit weights (reduce_range: no VNNI here)" if reduce_range
+                   else "8-bit weights"))
         return artifact.then(out, self.name, config, format="onnx", signature=signature_of(model),
                              notes=[note])
 
