@@ -51,7 +51,8 @@ def export(model: Any, format: str, *, name: str | None = None,
            calibration: DatasetSpec | dict | None = None,
            tolerance: dict[str, float] | None = None, output: str | Path | None = None, batch_sizes: tuple[int, ...] = (1, 32),
            iterations: int = 200, example_inputs: Any = None,
-           registry: Registry | None = None, progress=None) -> ExportResult:
+           registry: Registry | None = None, progress=None,
+           label_column: str | None = None) -> ExportResult:
     """Export a model to a deployment format (torchscript, tflite, ort, openvino).
 
     `model` is a registered reference ('name' or 'name:N') or an in-memory model, which is
@@ -60,7 +61,8 @@ def export(model: Any, format: str, *, name: str | None = None,
     on `data` (else synthetic rows) within the format's tolerance (or `tolerance`: atol, rtol,
     min_cosine, min_label_agreement), timed, and registered as the next version with the source
     as its parent. Formats that quantize calibrate on `calibration` (default: `data`);
-    `output` also writes the files to a folder.
+    `output` also writes the files to a folder. `label_column` names the labels array (or
+    column) in `data`, which the check sets aside.
     """
     registry = registry or Registry()
     obj = None
@@ -75,7 +77,7 @@ def export(model: Any, format: str, *, name: str | None = None,
     return export_version(registry, ref, format, options=options, data=_spec(data),
                           calibration=_spec(calibration), tolerance=tolerance, output=output,
                           batch_sizes=tuple(batch_sizes), iterations=iterations, obj=obj,
-                          progress=progress)
+                          progress=progress, label_column=label_column)
 
 
 def _spec(data: DatasetSpec | dict | None) -> DatasetSpec | None:

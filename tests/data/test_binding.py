@@ -91,3 +91,58 @@ def test_take_repeats_rows_and_batches_cover_all():
     assert taken.shape == (12, 3) and taken.flags["C_CONTIGUOUS"]
     np.testing.assert_array_equal(taken[5], taken[0])
     assert [b["input"].shape[0] for b in data.batches(2)] == [2, 2, 1]
+
+
+IMAGES = Signature(inputs=(TensorSpec(name="x", dtype="float32", shape=(-1, 1, 8, 8)),),
+                   outputs=())
+
+
+def test_npz_keys_that_do_not_name_the_input_say_found_expected_and_fix():
+    """An NPZ of images and labels under other names: not a numpy traceback from stacking a
+    4-D array with a 1-D one, but what was found, what the model takes, and how to fix it."""
+    cols = {"images": np.zeros((6, 1, 8, 8), np.float32), "label": np.arange(6)}
+    with pytest.raises(SignatureMismatchError) as info:
+        bind(cols, IMAGES, label_column=None, description="check file: check.npz")
+    msg = str(info.value)
+    assert "(check file: check.npz)" in msg
+    assert "images:float32[6, 1, 8, 8], label:int64[6]" in msg  # found
+    assert "x:float32[-1, 1, 8, 8]" in msg and "lacks ['x']" in msg  # expected
+    assert "np.savez(path, x=...)" in info.value.hint  # the fix, both ways
+    assert "--label-column label" in info.value.hint and "label_column='label'" in info.value.hint
+    # the fix works: with the labels named, the one array left is the input
+    data = bind(cols, IMAGES, label_column="label")
+    assert data.inputs["x"].shape == (6, 1, 8, 8) and data.labels.tolist() == list(range(6))
+
+
+def test_two_shaped_arrays_are_not_stacked_into_channels():
+    cols = {"a": np.zeros((4, 1, 8, 8)), "b": np.zeros((4, 1, 8, 8))}
+    with pytest.raises(SignatureMismatchError) as info:
+        bind(cols, IMAGES, label_column=None)
+    msg = str(info.value)
+    assert "a:float64[4, 1, 8, 8], b:float64[4, 1, 8, 8]" in msg and "lacks ['x']" in msg
+    assert "--label-column" not in info.value.hint  # no 1-D array: nothing looks like labels
+
+
+def test_a_scalar_array_and_columns_of_different_lengths_are_named():
+    with pytest.raises(SignatureMismatchError, match=r"arrays \[f0:float64\[5\], n:int64\[\]\]"):
+        bind({"f0": np.zeros(5), "n": np.array(3)}, SIG, label_column=None)
+    with pytest.raises(SignatureMismatchError, match=r"different lengths: f0:float64\[5\], "
+                       r"f1:float64\[4\], f2:float64\[5\]"):
+        bind({"f0": np.zeros(5), "f1": np.zeros(4), "f2": np.zeros(5)}, SIG, label_column=None)
+
+
+def test_multi_input_mismatch_lists_every_array_and_input():
+    sig = Signature(inputs=(TensorSpec(name="ids", dtype="int64", shape=(-1, 4)),
+                            TensorSpec(name="mask", dtype="int64", shape=(-1, 4))), outputs=())
+    with pytest.raises(SignatureMismatchError) as info:
+        bind({"input_ids": np.ones((2, 4)), "attention": np.ones((2, 4))}, sig,
+             label_column=None)
+    msg = str(info.value)
+    assert "input_ids:float64[2, 4], attention:float64[2, 4]" in msg
+    assert "ids:int64[-1, 4], mask:int64[-1, 4]" in msg and "lacks ['ids', 'mask']" in msg
+    assert "np.savez(path, ids=..., mask=...)" in info.value.hint
+
+
+def test_missing_label_column_names_the_data():
+    with pytest.raises(DatasetError, match=r"not in the data \(check file: c.npz\)"):
+        bind(_cols(), SIG, label_column="churned", description="check file: c.npz")

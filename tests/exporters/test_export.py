@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from optiserve import api
-from optiserve.core.errors import ConfigError, UnknownNameError
+from optiserve.core.errors import ConfigError, SignatureMismatchError, UnknownNameError
 from optiserve.data.sources import DatasetSpec
 from optiserve.exporters import ExportError, Tolerance, export_version, reachable, verify
 from optiserve.runtimes.base import load_runtime
@@ -286,3 +286,73 @@ def test_cli_export_mistakes_are_one_line(tmp_path, optiserve_home, logreg, args
     assert cli("register", "lr", str(model), home=optiserve_home).returncode == 0
     proc = cli("export", "lr", *args, home=optiserve_home)
     assert proc.returncode == 2 and says in one_line_error(proc)
+
+
+def test_cli_export_npz_keys_that_miss_the_input_say_so_and_label_column_fixes_it(
+        tmp_path, optiserve_home, logreg, breast_cancer):
+    """An NPZ whose arrays are not named after the model's input: one line naming the arrays
+    found, the input expected and the fix (no numpy traceback); --label-column is the fix."""
+    import pickle
+
+    model = tmp_path / "lr.pkl"
+    model.write_bytes(pickle.dumps(logreg))
+    assert cli("register", "lr", str(model), home=optiserve_home).returncode == 0
+    check = tmp_path / "check.npz"
+    np.savez(check, features=breast_cancer.X_val, label=breast_cancer.y_val)
+    args = ("export", "lr", "--format", "ort", "--data", str(check), "--iterations", "5",
+            "--batch-sizes", "1")
+    proc = cli(*args, home=optiserve_home)
+    line = one_line_error(proc)
+    assert proc.returncode == 2
+    assert "arrays [features:float64[169, 30], label:int64[169]]" in line  # found
+    assert "expects [input:float64[-1, 30]]" in line  # expected
+    assert "np.savez(path, input=...)" in line and "--label-column label" in line  # the fix
+    fixed = cli(*args, "--label-column", "label", "--json", home=optiserve_home)
+    assert fixed.returncode == 0, fixed.stderr
+    body = json.loads(fixed.stdout)
+    assert body["verification"]["rows"].startswith("169 rows of check file")
+    assert body["verification"]["passed"]
+    typo = cli(*args, "--label-column", "labels", home=optiserve_home)
+    assert "Label column 'labels' is not in the data" in one_line_error(typo)
+    assert "Columns found: features, label." in one_line_error(typo)
+
+
+def test_api_export_label_column_and_the_one_recorded_with_the_model(sqlite_registry, logreg,
+                                                                     breast_cancer, tmp_path):
+    check = tmp_path / "check.npz"
+    np.savez(check, x=breast_cancer.X_val[:50], y=breast_cancer.y_val[:50])
+    api.register("lr", logreg, registry=sqlite_registry)
+    res = api.export("lr", "ort", data={"source": "file", "path": str(check)},
+                     label_column="y", registry=sqlite_registry, **FAST)
+    assert res.verification["passed"] and res.verification["rows"].startswith("50 rows")
+    with pytest.raises(SignatureMismatchError, match=r"\[x:float64\[50, 30\], y:int64\[50\]\]"
+                       ) as info:  # without it: refused, saying so
+        api.export("lr:1", "ort", data={"source": "file", "path": str(check)},
+                   registry=sqlite_registry, **FAST)
+    assert "label_column='y'" in info.value.hint
+    # a model registered with its label column sets that column aside by itself
+    api.register("lr2", logreg, registry=sqlite_registry, label_column="y")
+    res = api.export("lr2", "ort", data={"source": "file", "path": str(check)},
+                     registry=sqlite_registry, **FAST)
+    assert res.verification["passed"]
+
+
+def test_ort_mobile_targets_this_machine_unless_told(sqlite_registry, cnn, tmp_path):
+    """Default target_platform: the machine exporting (amd64 on x86, arm on ARM); the x86
+    file then carries ONNX Runtime's NCHWc layout, which the portable ARM file must not."""
+    from optiserve.exporters.ort_mobile import host_platform
+
+    api.register("cnn", cnn, example_inputs=(torch.randn(2, 1, 8, 8),), registry=sqlite_registry)
+    host = host_platform()
+    other = "arm" if host == "amd64" else "amd64"
+    default = api.export("cnn", "ort", registry=sqlite_registry, output=tmp_path / "d", **FAST)
+    told = api.export("cnn:1", "ort", options={"target_platform": other},
+                      registry=sqlite_registry, output=tmp_path / "o", **FAST)
+    assert default.version.passes[-1]["config"]["target_platform"] == host
+    assert f"optimizations for {host} (this machine)" in default.notes[-1]
+    assert told.version.passes[-1]["set"]["target_platform"] == other
+    assert f"optimizations for {other}, not this {host} machine" in told.notes[-1]
+    ops = {res.version.passes[-1]["config"]["target_platform"]:
+           (tmp_path / d / "model.required_operators.config").read_text()
+           for res, d in ((default, "d"), (told, "o"))}
+    assert "com.microsoft.nchwc" in ops["amd64"] and "com.microsoft.nchwc" not in ops["arm"]

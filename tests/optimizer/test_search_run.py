@@ -166,3 +166,55 @@ def test_a_batch_size_where_the_original_is_faster_is_said(sqlite_registry, mlp,
     assert "The original (onnxruntime) is faster at batch 1000 (3.000 vs 6.000 ms): no " \
            "candidate beats it there" in why
     assert "batch 1 (" not in why
+
+
+@pytest.mark.parametrize("chosen_64, other_64, kept", [
+    # 3 % faster, but the chosen one's two runs differ by 5.8 %: within the noise
+    pytest.param([10.3, 10.9], [10.0, 10.4], False, id="gap-within-noise"),
+    # the same 3 % with runs that agree to 0.5 %: beyond the noise
+    pytest.param([10.3, 10.35], [10.0, 10.05], True, id="same-gap-quiet-runs"),
+    # 29 % faster: clearly a version of its own
+    pytest.param([10.3, 10.5], [8.0, 8.1], True, id="clear-gap"),
+])
+def test_extra_batch_size_version_only_beyond_the_timing_noise(sqlite_registry, mlp, knob,
+                                                                chosen_64, other_64, kept):
+    """The chosen candidate is best over both batch sizes; the other is faster at batch 64 only.
+    It is registered as its own version only when the gap exceeds the noise: the larger of
+    either candidate's two-run difference and its p50's standard error."""
+    chosen, other = _k("fast", 1), _k("slow", 1)
+    result = _run(sqlite_registry, {"optimizations": ["knob"], "batch_sizes": [1, 64]},
+                  latencies={chosen: {1: 1.0, 64: chosen_64}, other: {1: 1.5, 64: other_64}})
+    assert result.chosen.artifact.label == chosen
+    by_label = {c.artifact.label: c for c in result.candidates}
+    # both were timed twice and each kept its faster run; the difference is the run spread
+    assert by_label[other].latency[64].p50_ms == other_64[0]
+    assert by_label[chosen].run_spread[64] == pytest.approx(chosen_64[1] / chosen_64[0] - 1)
+    fastest = result.details()["details"]["fastest_by_batch_size"]
+    versions = sqlite_registry.versions("mlp")
+    if kept:
+        assert fastest["64"]["label"] == other and fastest["64"]["version"] == 2
+        assert [v.version for v in versions] == [1, 2, 3]  # original, batch-64 extra, chosen
+        why = next(n for n in result.notes if n.startswith("chosen: "))
+        assert f"At batch 64 {other} is faster" in why and "timing noise) and is kept" in why
+    else:
+        assert fastest["64"]["label"] == chosen and fastest["64"]["version"] == 2
+        assert [v.version for v in versions] == [1, 2]  # original, chosen: no extra version
+        note = next(n for n in result.notes if n.startswith("at batch 64"))
+        assert f"{other} measured 10.0000 ms against the chosen one's 10.3000 ms: 3.0% " \
+               "faster, within the timing noise (5.8%" in note
+        assert not any("kept as its own version" in n for n in result.notes)
+
+
+def test_noise_is_the_two_run_spread_or_the_p50_standard_error():
+    from optiserve.bench.latency import Latency
+    from optiserve.optimizer.pipeline import noise
+    from optiserve.optimizer.report import Candidate
+
+    # 100 calls, p95 one normal sigma (0.1 ms) x 1.645 above a 1 ms median:
+    # standard error of the median = 1.2533 x 0.1 / sqrt(100) = 1.25 %
+    lat = Latency(8, 100, 1.0, 1.0 + 0.1 * 1.645, 1.3, 1.05, 8000.0)
+    cand = Candidate(artifact=None, runtime="onnxruntime", latency={8: lat}, evaluation=None,
+                     outputs={}, size_bytes=0, parity={})
+    assert noise(cand, 8) == pytest.approx(0.012533, rel=1e-3)
+    cand.run_spread = {8: 0.04}  # two runs 4 % apart: that is the larger
+    assert noise(cand, 8) == pytest.approx(0.04)

@@ -26,6 +26,9 @@ models_app = typer.Typer(no_args_is_help=True, help="Registered models and their
 app.add_typer(models_app, name="models")
 keys_app = typer.Typer(no_args_is_help=True, help="API keys of the server.")
 app.add_typer(keys_app, name="keys")
+runs_app = typer.Typer(no_args_is_help=True, help="Optimization runs (jobs): list, show, "
+                       "watch, cancel.")
+app.add_typer(runs_app, name="runs")
 # Piped or logged output gets room for the candidate tables instead of 80 columns.
 console = Console() if sys.stdout.isatty() else Console(width=160)
 err = Console(stderr=True)
@@ -66,10 +69,45 @@ def _registry():
     return Registry()
 
 
+def _version(value: bool) -> None:
+    if value:
+        import optiserve
+
+        print(f"optiserve {optiserve.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    """Make a trained model smaller, faster and served."""
+
+
+def _server_option():
+    return typer.Option(None, "--server", envvar="OPTISERVE_SERVER_URL",
+                        help="A running server's URL (e.g. http://host:8000): ask it instead of "
+                        "the local registry.")
+
+
+def _key_option():
+    return typer.Option(None, "--key", envvar="OPTISERVE_API_KEY",
+                        help="API key for --server (osk_...).")
+
+
+def _client(server: str | None, key: str | None):
+    from optiserve.client import connect
+
+    return connect(server, key, registry=None if server else _registry())
+
+
 @app.command()
 def register(name: str = typer.Argument(..., help="Model name in the registry, e.g. churn."),
-             file: Path = typer.Argument(..., help=".onnx, .pkl/.joblib, .pt (TorchScript) or "
-                                         ".pt2 (torch.export)."),
+             file: Path = typer.Argument(..., help="The model: .pkl/.joblib/.skops "
+                                         "(scikit-learn), .onnx, .pt (TorchScript) or .pt2 "
+                                         "(torch.export), .keras or a SavedModel folder "
+                                         "(or a zip of it; TensorFlow), an XGBoost "
+                                         ".json/.ubj or LightGBM "
+                                         ".txt file."),
              input: list[str] = typer.Option(None, "--input", help="TorchScript input spec "
                                              "NAME:DTYPE[DIMS], once per input."),
              label_column: Optional[str] = typer.Option(
@@ -112,7 +150,8 @@ def optimize(
         None, help="Rows to calibrate static INT8 with (CSV, Parquet, NPZ); default: the "
         "validation rows."),
     training_file: Optional[str] = typer.Option(
-        None, help="Labelled rows for passes that train (qat)."),
+        None, help="Labelled rows for the passes that train: pruning, lottery_ticket, "
+        "structured_pruning, distillation, low_rank, qat (CSV, Parquet, NPZ)."),
     threshold: Optional[float] = typer.Option(None, help="Keep this fraction of the metric."),
     batch_sizes: str = typer.Option("1", help="Batch sizes to benchmark; the first decides."),
     iterations: int = typer.Option(200, help="Timed calls per candidate and batch size."),
@@ -213,6 +252,8 @@ def export(
                                        "default: synthetic rows."),
     calibration: Optional[str] = typer.Option(None, help="Rows to calibrate INT8 on "
                                               "(default: the --data rows)."),
+    label_column: Optional[str] = typer.Option(None, help="Column (or NPZ array) of --data "
+                                               "holding labels: set aside, not fed to the model."),
     tolerance: list[str] = typer.Option(None, "--tolerance", help="NAME=VALUE replacing the "
                                         "format's check: atol, rtol, min_cosine, "
                                         "min_label_agreement."),
@@ -235,7 +276,7 @@ def export(
                          tolerance=_assignments(tolerance, "--tolerance"), output=output,
                          batch_sizes=tuple(_ints(batch_sizes, "--batch-sizes")),
                          iterations=iterations, registry=_registry(),
-                         progress=lambda stage: update(stage, 0))
+                         progress=lambda stage: update(stage, 0), label_column=label_column)
     if as_json:
         print(json.dumps(res.as_dict(), indent=2))
     else:
@@ -257,20 +298,47 @@ def _assignments(items: list[str] | None, flag: str) -> dict:
 
 
 @models_app.command("list")
-def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+                server: Optional[str] = _server_option(), key: Optional[str] = _key_option()):
     """Every model with its latest ready version."""
-    infos = _registry().models()
+    client = _client(server, key)
+    rows = client.models()
     if as_json:
-        print(json.dumps([{"model": m.name, "versions": len(m.versions),
-                           "latest": m.latest.version if m.latest else None} for m in infos]))
-    else:
-        render.models(console, infos)
+        print(json.dumps([{"model": m["name"], "versions": m["versions"],
+                           "latest": m["latest"]["version"] if m["latest"] else None}
+                          for m in rows]))
+        return
+    if not rows:
+        err.print(Text(f"no models in {client.where()}"), soft_wrap=True)
+        return
+    render.models(console, rows)
 
 
 @models_app.command("show")
-def models_show(name: str = typer.Argument(..., help="Model name.")):
+def models_show(name: str = typer.Argument(..., help="Model name."),
+                as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+                server: Optional[str] = _server_option(), key: Optional[str] = _key_option()):
     """All versions of a model, with lineage and signature."""
-    render.versions(console, name, _registry().versions(name))
+    model = _client(server, key).model(name)
+    if as_json:
+        print(json.dumps(model, indent=2, default=str))
+    else:
+        render.versions(console, name, model["versions"])
+
+
+@models_app.command("delete")
+def models_delete(name: str = typer.Argument(..., help="Model name."),
+                  yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask first."),
+                  server: Optional[str] = _server_option(), key: Optional[str] = _key_option()):
+    """Delete a model, every version and the artifact files no other model shares (refused
+    while it is deployed or an optimization uses it)."""
+    client = _client(server, key)
+    if not yes:
+        count = len(client.model(name)["versions"])  # a missing model fails here, not after
+        typer.confirm(f"Delete model '{name}' and its {count} version(s) from "
+                      f"{client.where()}?", abort=True, err=True)
+    out = client.delete_model(name)
+    err.print(f"deleted model {out['deleted']} ({out['versions']} version(s))")
 
 
 @app.command()
@@ -287,8 +355,19 @@ def config(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
 
 @app.command()
 def demo(skip_minilm: bool = typer.Option(False, help="Skip the transformer (faster)."),
-         skip_cnn: bool = typer.Option(False, help="Skip the digits CNN.")):
+         skip_cnn: bool = typer.Option(False, help="Skip the digits CNN."),
+         examples: Optional[Path] = typer.Option(
+             None, "--examples", help="Only write the files README.md's examples use "
+             "(model.pkl, churn.onnx, digits_cnn.pt, train/calib/val/check.npz) into this "
+             "folder, and stop.")):
     """The main job on the embedded defaults: churn (sklearn), MiniLM, digits CNN."""
+    if examples is not None:
+        from optiserve.demo.examples import write_examples
+
+        with progress_bar("writing the README's example files") as update:
+            paths = write_examples(examples, progress=update)
+        console.print(f"wrote {', '.join(p.name for p in paths)} in {examples}")
+        return
     from optiserve.demo.run import run_demo
 
     run_demo(console, progress_bar, _registry(), minilm=not skip_minilm, cnn=not skip_cnn)
@@ -312,14 +391,31 @@ def serve(host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     from optiserve.server.app import create_app
 
     settings = load_settings(**({} if grpc_port is None else {"grpc_port": grpc_port}))
+    _log_to_terminal(log_level)
     if settings.auth == "off":
         loopback = host in ("127.0.0.1", "localhost", "::1")
         style = "bold red" if not loopback else "yellow"
         err.print(f"[{style}]WARNING: OPTISERVE_AUTH=off: no API key is checked"
                   + ("" if loopback else f" and the server listens on {host}, so anyone who "
                      "can reach it can upload models and run jobs") + ".[/]")
-    uvicorn.run(create_app(settings, jobs=jobs, host=host), host=host, port=port,
+    uvicorn.run(create_app(settings, jobs=jobs, host=host, port=port), host=host, port=port,
                 log_level=log_level, access_log=access_log, http="httptools", loop="uvloop")
+
+
+def _log_to_terminal(level: str) -> None:
+    """optiserve's log records (deployments loaded, "ready", jobs) on stderr, formatted like
+    uvicorn's own lines; the library only logs."""
+    import logging
+
+    from uvicorn.logging import DefaultFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s"))
+    logger = logging.getLogger("optiserve")
+    logger.addHandler(handler)
+    level = level.upper()
+    logger.setLevel(level if level in ("CRITICAL", "ERROR", "WARNING", "DEBUG") else "INFO")
+    logger.propagate = False
 
 
 @app.command()
@@ -441,10 +537,15 @@ def undeploy(name: str = typer.Argument(..., help="Deployment name.")):
 @app.command()
 def deployments(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
     """Deployments in the registry."""
+    registry = _registry()
     rows = [{"name": d.name, **d.spec.model_dump(mode="json")}
-            for d in _registry().deployments.list()]
+            for d in registry.deployments.list()]
     if as_json:
         print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        err.print(Text(f"no deployments in {registry.settings.describe_registry()}"),
+                  soft_wrap=True)
         return
     from rich.table import Table
     table = Table("name", "model", "versions", "max batch", "delay us", "instances", "threads")
@@ -455,6 +556,130 @@ def deployments(as_json: bool = typer.Option(False, "--json", help="Print JSON."
                       str(r["max_queue_delay_us"]), str(r["instances"]),
                       str(r["threads"] or "auto"))
     console.print(table)
+
+
+@app.command()
+def infer(model: str = typer.Argument(..., help="Deployment (or registered model) name, or "
+                                      "NAME:VERSION."),
+          data: str = typer.Argument(..., help="Rows: an .npz or .json file, '-' for JSON on "
+                                     "stdin, or inline JSON: '[[...], ...]' (a one-input "
+                                     "model), '{\"INPUT\": [[...]]}', records "
+                                     "'[{\"INPUT\": ...}]' or a V2 request {\"inputs\": [...]}."),
+          output: list[str] = typer.Option(None, "--output", "-o", help="Only this output; "
+                                           "repeat for more."),
+          rows: int = typer.Option(10, help="Rows of each output to show."),
+          as_json: bool = typer.Option(False, "--json", help="Print every output as JSON."),
+          server: Optional[str] = _server_option(), key: Optional[str] = _key_option()):
+    """Send rows to a deployed model and print its outputs: through a running server's /v2
+    with --server, else loaded here from the local registry (its deployment's settings)."""
+    from optiserve.client import read_data
+
+    payload = read_data(data)
+    result = _client(server, key).infer(model, payload, outputs=output or None)
+    if as_json:
+        print(json.dumps({"model_name": result["model_name"],
+                          "model_version": result["model_version"],
+                          "outputs": {k: _plain(v) for k, v in result["outputs"].items()}}))
+    else:
+        render.inference(console, result, rows=rows)
+
+
+def _plain(array) -> object:
+    """An output array as JSON values (text for BYTES)."""
+    if array.dtype.kind == "O":
+        return [[x.decode(errors="replace") if isinstance(x, bytes) else x for x in row]
+                if isinstance(row, list) else
+                (row.decode(errors="replace") if isinstance(row, bytes) else row)
+                for row in array.tolist()]
+    return array.tolist()
+
+
+@app.command()
+def load(name: str = typer.Argument(..., help="Deployment name (or a registered model, "
+                                    "deployed with the default settings)."),
+         server: Optional[str] = typer.Option(
+             None, "--server", envvar="OPTISERVE_SERVER_URL",
+             help="The server's URL [default: http://127.0.0.1:8000]."),
+         key: Optional[str] = _key_option()):
+    """Load a deployment in a running server (POST /v2/repository/models/NAME/load): one
+    stored by `optiserve deploy` after the server started, without restarting it."""
+    from optiserve.client import DEFAULT_SERVER, Remote
+
+    client = Remote(server or DEFAULT_SERVER, key)
+    out = client.load(name)
+    err.print(f"[green]loaded[/] {out['name']} versions {', '.join(out['versions'])} in "
+              f"{client.url}")
+
+
+@runs_app.command("list")
+def runs_list(model: Optional[str] = typer.Option(None, help="Only this model's runs."),
+              status: Optional[str] = typer.Option(None, help="Only runs in this status: "
+                                                   "queued, running, completed, rejected, "
+                                                   "failed, cancelled, timeout."),
+              limit: int = typer.Option(50, help="Most runs shown, newest first."),
+              as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+              server: Optional[str] = _server_option(), key: Optional[str] = _key_option()):
+    """Optimization runs, newest first: status, stage, progress."""
+    client = _client(server, key)
+    jobs = client.runs(model=model, status=status, limit=limit)
+    if as_json:
+        print(json.dumps(jobs, indent=2, default=str))
+    elif not jobs:
+        err.print(Text(f"no optimization runs in {client.where()}"), soft_wrap=True)
+    else:
+        render.runs(console, jobs)
+
+
+@runs_app.command("show")
+def runs_show(run_id: str = typer.Argument(..., help="Run id, e.g. opt-1a2b3c4d5e6f."),
+              as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+              server: Optional[str] = _server_option(), key: Optional[str] = _key_option()):
+    """One run: status, candidates measured so far, its report when it has ended."""
+    job = _client(server, key).run(run_id)
+    if as_json:
+        print(json.dumps(job, indent=2, default=str))
+    else:
+        render.run(console, job)
+
+
+@runs_app.command("watch")
+def runs_watch(run_id: str = typer.Argument(..., help="Run id."),
+               interval: float = typer.Option(1.0, help="Seconds between polls."),
+               as_json: bool = typer.Option(False, "--json", help="Print the final JSON."),
+               server: Optional[str] = _server_option(), key: Optional[str] = _key_option()):
+    """Follow a run until it ends. Exit status: 0 completed (or timed out with a result),
+    3 rejected by the gate, 1 failed or cancelled."""
+    from optiserve.client import wait
+
+    client = _client(server, key)
+    with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
+                  TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
+                  console=err, transient=True) as bar:
+        task = bar.add_task(run_id, total=1.0)
+
+        def update(job: dict) -> None:
+            p = job["progress"]
+            bar.update(task, completed=p["fraction"], description=(
+                f"{run_id} {job['status']}: {p['stage'] or ''} "
+                f"({p['candidates_measured']} candidates)")[:90])
+        job = wait(client, run_id, update, poll_s=max(interval, 0.1))
+    if as_json:
+        print(json.dumps(job, indent=2, default=str))
+    else:
+        render.run(console, job)
+    status = job["status"]
+    if status not in ("completed", "timeout"):
+        raise typer.Exit(3 if status == "rejected" else 1)
+
+
+@runs_app.command("cancel")
+def runs_cancel(run_id: str = typer.Argument(..., help="Run id."),
+                server: Optional[str] = _server_option(), key: Optional[str] = _key_option()):
+    """Cancel a queued or running run (its server stops a running one within seconds)."""
+    job = _client(server, key).cancel(run_id)
+    err.print(f"{run_id}: {job['status']}"
+              + (" (cancel requested; its server stops it)" if job["status"] == "running"
+                 else ""))
 
 
 @keys_app.command("create")
@@ -471,7 +696,12 @@ def keys_create(name: str = typer.Argument(..., help="Who or what the key is for
 @keys_app.command("list")
 def keys_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
     """API keys (ids, names, scopes, last use; never the secrets)."""
-    keys = _registry().keys.list()
+    registry = _registry()
+    keys = registry.keys.list()
+    if not keys and not as_json:
+        err.print(Text(f"no API keys in {registry.settings.describe_registry()}"),
+                  soft_wrap=True)
+        return
     rows = [{"id": k.id, "name": k.name, "scopes": list(k.scopes),
              "created_at": _iso(k.created_at), "last_used_at": _iso(k.last_used_at),
              "revoked_at": _iso(k.revoked_at)} for k in keys]
@@ -497,9 +727,45 @@ def _error(exc: Exception) -> None:
     err.print(Text("error: ", style="red") + Text(str(exc)), highlight=False, soft_wrap=True)
 
 
+def command():
+    """The click command `main` runs: Typer's, with its help tidied (see _tidy_help)."""
+    cmd = typer.main.get_command(app)
+    _tidy_help(cmd)
+    return cmd
+
+
+def _tidy_help(cmd) -> None:
+    """Typer prints a type tag beside every parameter (`<bool>` beside each flag, `<str>`,
+    `<list[str]>`): flags and arguments get none, options that take a value a short word
+    saying what kind (TEXT, INT, NUMBER, PATH)."""
+    from typer.core import TyperArgument, TyperOption
+
+    for sub in getattr(cmd, "commands", {}).values():
+        _tidy_help(sub)
+    made = cmd.get_help_option  # --help is made when help is shown, not one of cmd.params
+
+    def help_option(ctx):
+        option = made(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+    cmd.get_help_option = help_option
+    for param in cmd.params:
+        if isinstance(param, TyperArgument):
+            param.display_type_rich = lambda ctx: None
+        elif isinstance(param, TyperOption) and param.metavar is None:
+            try:
+                kind = param.bare_type()
+            except Exception:  # an annotation Typer cannot name: the plain word
+                kind = ""
+            kind = kind.removeprefix("list[").removesuffix("]")
+            param.metavar = "" if param.is_flag else {
+                "int": "INT", "float": "NUMBER", "Path": "PATH"}.get(kind, "TEXT")
+
+
 def main() -> None:
     try:
-        app()
+        command()(prog_name="optiserve")
     except OptiserveError as exc:
         _error(exc)
         sys.exit(2)

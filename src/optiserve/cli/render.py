@@ -116,34 +116,126 @@ def export(console: Console, res) -> None:
         console.print(f"wrote {f}")
 
 
-def models(console: Console, infos) -> None:
+def models(console: Console, rows: list[dict[str, Any]]) -> None:
+    """Models in the REST API's shape (GET /api/v1/models)."""
     t = Table(title="models", title_justify="left")
     for col in ("model", "versions", "latest", "format", "MB", "lineage", "metrics"):
         t.add_column(col)
-    for m in infos:
-        v = m.latest
+    for m in rows:
+        v = m["latest"]
         if v is None:
-            t.add_row(m.name, str(len(m.versions)), "-", "", "", "", "")
+            t.add_row(m["name"], str(m["versions"]), "-", "", "", "", "")
             continue
-        lineage = " > ".join(p["name"] for p in v.passes) or "registered"
-        shown = {k: (round(x, 4) if isinstance(x, float) else x) for k, x in v.metrics.items()
-                 if k != "gate"}
-        t.add_row(m.name, str(len(m.versions)), str(v.version), v.format,
-                  f"{v.size_mb:.3f}", (f"v{v.parent} > " if v.parent else "") + lineage,
+        lineage = " > ".join(p["name"] for p in v["lineage"]["passes"]) or "registered"
+        parent = v["lineage"]["parent"]
+        shown = {k: (round(x, 4) if isinstance(x, float) else x)
+                 for k, x in v["metrics"].items() if k != "gate"}
+        t.add_row(m["name"], str(m["versions"]), str(v["version"]), v["format"],
+                  f"{v['size_bytes'] / 1e6:.3f}", (f"v{parent} > " if parent else "") + lineage,
                   ", ".join(f"{k}={x}" for k, x in shown.items()))
     console.print(t)
 
 
-def versions(console: Console, name: str, versions: list) -> None:
+def versions(console: Console, name: str, versions: list[dict[str, Any]]) -> None:
+    """Versions in the REST API's shape (GET /api/v1/models/{name})."""
+    from optiserve.core.types import Signature
+
     t = Table(title=name, title_justify="left")
     for col in ("version", "status", "format", "MB", "sha256", "parent", "passes"):
         t.add_column(col)
     for v in versions:
-        t.add_row(str(v.version), v.status, v.format, f"{v.size_mb:.3f}", v.sha256[:12],
-                  str(v.parent or ""), " > ".join(p["name"] for p in v.passes))
+        t.add_row(str(v["version"]), v["status"], v["format"], f"{v['size_bytes'] / 1e6:.3f}",
+                  v["sha256"][:12], str(v["lineage"]["parent"] or ""),
+                  " > ".join(p["name"] for p in v["lineage"]["passes"]))
     console.print(t)
     for v in versions:
-        console.print(f"v{v.version}: {v.signature.describe()}", soft_wrap=True)
+        console.print(f"v{v['version']}: {Signature.model_validate(v['signature']).describe()}",
+                      soft_wrap=True)
+
+
+def runs(console: Console, jobs: list[dict[str, Any]]) -> None:
+    """Optimization runs in the REST API's shape (GET /api/v1/inference/optimizations)."""
+    t = Table(title="optimization runs", title_justify="left")
+    for col in ("id", "model", "status", "stage", "progress", "candidates", "created",
+                "finished", "artifact"):
+        t.add_column(col, justify="right" if col in ("progress", "candidates") else "left")
+    for j in jobs:
+        p = j["progress"]
+        t.add_row(j["optimization_id"], j["model_id"] or "", _status(j["status"]),
+                  p["stage"] or "", f"{p['fraction']:.0%}", str(p["candidates_measured"]),
+                  _when(j["created_at"]), _when(j["finished_at"]),
+                  (j["report"] or {}).get("artifact_id") or "")
+    console.print(t)
+
+
+def run(console: Console, job: dict[str, Any]) -> None:
+    """One optimization run: its state, candidates so far and, when it ended, its report."""
+    p = job["progress"]
+    console.print(f"[bold]{job['optimization_id']}[/]  {job['model_id']}  "
+                  f"status: {_status(job['status'])}  stage: {p['stage'] or '-'}  "
+                  f"{p['fraction']:.0%}, {p['candidates_measured']} candidate(s) measured")
+    console.print(f"created {_when(job['created_at'])}, started {_when(job['started_at'])}, "
+                  f"finished {_when(job['finished_at'])}")
+    passes = ", ".join(job["request"].get("optimizations") or [])
+    if passes:
+        console.print(f"passes: {passes}")
+    cands = [c for c in job["candidates"] if isinstance(c, dict)]
+    if cands:
+        t = Table(title="candidates", title_justify="left")
+        metric = next((c["metric"] for c in cands if c.get("metric")), "metric")
+        for col in ("#", "passes", "runtime", "MB", "p50 ms (first batch)", metric, "gate"):
+            t.add_column(col, justify="left" if col in ("passes", "runtime", "gate")
+                         else "right")
+        for i, c in enumerate(cands):
+            gate = c.get("gate") or {}
+            lat = next(iter((c.get("latency") or {}).values()), None) or {}
+            t.add_row(str(i), str(c.get("label") or ""), str(c.get("runtime") or ""),
+                      f"{c['size_mb']:.3f}" if c.get("size_mb") is not None else "",
+                      f"{lat['p50_ms']:.4f}" if "p50_ms" in lat else "",
+                      f"{c['value']:.4f}" if c.get("value") is not None else "",
+                      "" if not gate else ("pass" if gate.get("passed") else "fail"))
+        console.print(t)
+    report = job.get("report")
+    if report:
+        o, n, imp = report["original"], report["optimized"], report["improvement"]
+        console.print(f"kept [bold]{report.get('artifact_id')}[/]: {o['format']} -> "
+                      f"{n['format']}, size {imp['size_reduction']} smaller, latency "
+                      f"{imp['latency_reduction']} lower, accuracy {imp['accuracy_change']}")
+    if job.get("error"):
+        console.print(f"[red]error[/]: {job['error']}", soft_wrap=True)
+
+
+def _status(status: str) -> str:
+    style = {"completed": "green", "running": "cyan", "queued": "cyan", "rejected": "yellow",
+             "failed": "red", "cancelled": "yellow", "timeout": "yellow"}.get(status)
+    return f"[{style}]{status}[/]" if style else status
+
+
+def _when(iso: str | None) -> str:
+    return iso.replace("T", " ")[:19] if iso else "-"
+
+
+def inference(console: Console, result: dict[str, Any], rows: int = 10) -> None:
+    """A model's outputs: one table per output, a row per input row (first `rows` shown)."""
+    import numpy as np
+
+    console.print(f"[bold]{result['model_name']}[/] version {result['model_version']}")
+    for name, array in result["outputs"].items():
+        array = np.asarray(array)
+        t = Table(title=f"{name}  {array.dtype}  shape {list(array.shape)}",
+                  title_justify="left")
+        t.add_column("row", justify="right")
+        t.add_column("value")
+        shown = array if array.ndim else array[None]
+        with np.printoptions(precision=6, suppress=True, threshold=64, linewidth=10_000):
+            for i, value in enumerate(shown[:rows]):
+                text = value.decode(errors="replace") if isinstance(value, bytes) else (
+                    np.array2string(value, separator=", ") if isinstance(value, np.ndarray)
+                    else str(value))
+                t.add_row(str(i), text)
+        console.print(t)
+        if len(shown) > rows:
+            console.print(f"[dim]... {len(shown) - rows} more rows (--json prints all)[/]")
 
 
 def keys(console: Console, rows: list[dict[str, Any]]) -> None:

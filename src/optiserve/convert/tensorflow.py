@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import weakref
 import zipfile
@@ -30,6 +31,7 @@ import numpy as np
 from optiserve.convert.detect import Imported
 from optiserve.core.deps import require
 from optiserve.core.errors import ConversionError, ModelLoadError, first_line
+from optiserve.core.quiet import fd_to_log
 from optiserve.core.types import Signature, TensorSpec
 
 SAVED_MODEL_PB = "saved_model.pb"
@@ -46,8 +48,13 @@ _SAVEDMODEL_HINT = ("Write it with tf.saved_model.save(obj, DIR) or model.export
 
 
 def import_tf(feature: str):
-    """TensorFlow, imported quietly: its C++ INFO/WARNING lines would drown the CLI output."""
+    """TensorFlow, imported quietly: its C++ INFO/WARNING lines would drown the CLI output.
+    TF_CPP_MIN_LOG_LEVEL does not reach the lines absl writes before it is initialized
+    ("oneDNN custom operations are on"), so the import's stderr goes to the debug log."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" not in sys.modules:
+        with fd_to_log("tensorflow import"):
+            return require("tensorflow", extra="tensorflow", feature=feature)
     return require("tensorflow", extra="tensorflow", feature=feature)
 
 

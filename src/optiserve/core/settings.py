@@ -45,8 +45,10 @@ class Settings(BaseSettings):
         description="Opset used when converting models to ONNX.",
     )
     home: Path = Field(
-        Path(".optiserve"), validation_alias="OPTISERVE_HOME",
-        description="Folder for the embedded defaults: SQLite registry, artifacts, demo data.",
+        default_factory=lambda: find_home(), validation_alias="OPTISERVE_HOME",
+        description="Folder for the embedded defaults: SQLite registry, artifacts, demo data. "
+        "Default: the nearest .optiserve in this folder or a parent (as git finds its "
+        "repository), else ./.optiserve.",
     )
     database_url: str | None = Field(
         None, validation_alias="OPTISERVE_DATABASE_URL",
@@ -114,6 +116,24 @@ class Settings(BaseSettings):
         check_threshold(v)
         return v
 
+    @property
+    def home_origin(self) -> str:
+        """How `home` was chosen: the variable, a parent folder's .optiserve, or the default."""
+        if "home" in self.model_fields_set:
+            return "OPTISERVE_HOME"
+        if self.home.is_absolute():
+            return "the nearest .optiserve above this folder"
+        return ("this folder's .optiserve; set OPTISERVE_HOME, or run from the folder holding "
+                "another, to use that")
+
+    def describe_registry(self) -> str:
+        """Which registry a command used, for messages about an empty listing."""
+        home = f"{self.home.resolve()} ({self.home_origin})"
+        if self.database_url:
+            return (f"the registry {_hide_password(self.database_url)} (OPTISERVE_DATABASE_URL; "
+                    f"home {home})")
+        return f"the registry in {home}"
+
     @cached_property
     def registry_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.home / 'registry.db').resolve()}"
@@ -164,7 +184,7 @@ class Settings(BaseSettings):
             "OPTIMIZATION_ACCURACY_THRESHOLD": self.optimization_accuracy_threshold,
             "TENSORRT_WORKSPACE_SIZE_GB": self.tensorrt_workspace_size_gb,
             "ONNX_OPSET_VERSION": self.onnx_opset_version,
-            "OPTISERVE_HOME": str(self.home),
+            "OPTISERVE_HOME": str(self.home.resolve()),
             "OPTISERVE_DATABASE_URL": _hide_password(self.registry_url),
             "OPTISERVE_ARTIFACT_URL": _hide_password(self.artifacts_location),
             "OPTISERVE_DEFAULT_DATA_SOURCE": self.default_data_source,
@@ -182,6 +202,20 @@ class Settings(BaseSettings):
         for name, url in self.data_sources().items():
             out[f"{DATA_SOURCE_PREFIX}{name.upper()}"] = _hide_password(url)
         return out
+
+
+HOME_DIR = ".optiserve"
+
+
+def find_home(start: Path | None = None) -> Path:
+    """The home when OPTISERVE_HOME is unset, found the way git finds its repository: a
+    `.optiserve` folder in `start` (default: the current folder) or the nearest parent that
+    has one (as an absolute path); when there is none, `./.optiserve` (created on first use)."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / HOME_DIR).is_dir():
+            return Path(HOME_DIR) if start is None and folder == here else folder / HOME_DIR
+    return Path(HOME_DIR) if start is None else here / HOME_DIR
 
 
 def check_threshold(value: float) -> float:

@@ -39,20 +39,18 @@ def bind(columns: dict[str, np.ndarray], signature: Signature, *, label_column: 
     if label_column:
         if label_column not in columns:
             raise DatasetError(
-                f"Label column '{label_column}' is not in the validation data.",
+                f"Label column '{label_column}' is not in the "
+            + (f"data ({description})." if description else "validation data."),
                 hint=f"Columns found: {', '.join(sorted(columns))}.")
         labels = columns.pop(label_column)
     names = [s.name for s in signature.inputs]
     if all(n in columns for n in names):
         inputs = {s.name: _fit(columns[s.name], s.dtype, s.shape, s.name)
                   for s in signature.inputs}
-    elif len(signature.inputs) == 1:
-        inputs = {names[0]: _stack(columns, signature, feature_names)}
+    elif len(signature.inputs) == 1 and not _unnamed_arrays(columns):
+        inputs = {names[0]: _stack(columns, signature, feature_names, description)}
     else:
-        missing = [n for n in names if n not in columns]
-        raise SignatureMismatchError(
-            f"The model takes inputs {names}; the validation data lacks {missing}.",
-            hint=f"Columns/arrays found: {', '.join(sorted(columns))}.")
+        raise _unmatched(columns, signature, label_column, description)
     lengths = {len(v) for v in inputs.values()} | ({len(labels)} if labels is not None else set())
     if 0 in lengths:
         raise DatasetError("The validation data has no rows.",
@@ -62,11 +60,51 @@ def bind(columns: dict[str, np.ndarray], signature: Signature, *, label_column: 
     return Dataset(inputs=inputs, labels=labels, description=description)
 
 
-def _stack(columns, signature, feature_names) -> np.ndarray:
+def _shape(a: np.ndarray) -> str:
+    return f"{a.dtype}{list(a.shape)}"
+
+
+def _unnamed_arrays(columns: dict[str, np.ndarray]) -> bool:
+    """Several arrays, some of them already shaped (not one value per row): which one is
+    which input cannot be guessed (a lone shaped array is taken as the one input)."""
+    return len(columns) > 1 and any(v.ndim != 1 for v in columns.values())
+
+
+def _unmatched(columns: dict[str, np.ndarray], signature: Signature, label_column: str | None,
+               description: str) -> SignatureMismatchError:
+    """The data's arrays do not name the model's inputs: say what was found, what was
+    expected, and how to fix it."""
+    names = [s.name for s in signature.inputs]
+    expected = ", ".join(f"{s.name}:{s.dtype}{list(s.shape)}" for s in signature.inputs)
+    found = ", ".join(f"{k}:{_shape(v)}" for k, v in columns.items()) or "none"
+    if label_column:
+        found += f" (labels: '{label_column}')"
+    missing = [n for n in names if n not in columns]
+    where = f" ({description})" if description else ""
+    # arrays with one value per row, beside the shaped ones: probably the labels
+    maybe_labels = [k for k, v in columns.items() if v.ndim == 1] \
+        if not label_column and any(len(s.shape) != 1 for s in signature.inputs) else []
+    fix = ("Name each array after the model input it feeds, e.g. np.savez(path, "
+           + ", ".join(f"{n}=..." for n in names) + ")")
+    if maybe_labels:
+        fix += (f"; or, if '{maybe_labels[0]}' holds the labels, name it with --label-column "
+                f"{maybe_labels[0]} (label_column='{maybe_labels[0]}' in Python)")
+    return SignatureMismatchError(
+        f"The data{where} does not match the model's inputs: it has arrays [{found}]; the "
+        f"model expects [{expected}]: the data lacks {missing}.",
+        hint=fix + ".")
+
+
+def _stack(columns, signature, feature_names, description: str = "") -> np.ndarray:
     spec = signature.inputs[0]
     arrays = list(columns.values())
     if len(arrays) == 1 and arrays[0].ndim >= 2:  # one array, already shaped (NPZ)
         return _fit(arrays[0], spec.dtype, spec.shape, spec.name)
+    if not arrays:
+        raise SignatureMismatchError(
+            f"The data{f' ({description})' if description else ''} has no columns for the "
+            f"model's input {spec.name}:{spec.dtype}{list(spec.shape)}.",
+            hint="Give the feature columns (or an array named after the input).")
     width = spec.shape[1] if len(spec.shape) == 2 else -1
     order = feature_names or list(columns)
     if feature_names:
@@ -84,6 +122,11 @@ def _stack(columns, signature, feature_names) -> np.ndarray:
     if bad:
         raise SignatureMismatchError(f"Columns {bad} are not numeric.",
                                      hint="Encode them as numbers, as the model was trained.")
+    if len({len(columns[c]) for c in order}) > 1:
+        raise SignatureMismatchError(
+            "The columns have different lengths: "
+            + ", ".join(f"{c}:{_shape(columns[c])}" for c in order) + ".",
+            hint="Give every column one value per row.")
     return _fit(np.column_stack([columns[c] for c in order]), spec.dtype, spec.shape, spec.name)
 
 

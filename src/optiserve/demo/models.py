@@ -43,14 +43,18 @@ def digits(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
 def digits_cnn(x_train: np.ndarray, y_train: np.ndarray, epochs: int = 6) -> Any:
     """3 x (conv3x3, ReLU, maxpool) with 16/32/64 channels, then 1024 -> 128 -> 10."""
     torch = require("torch", extra="torch", feature="The digits demo")
-    nn = torch.nn
     torch.manual_seed(0)
-    net = nn.Sequential(
+    return fit(digits_cnn_module(), x_train, y_train, epochs=epochs)
+
+
+def digits_cnn_module() -> Any:
+    """The digits CNN, untrained: input float32[-1, 1, 32, 32] -> 10 logits."""
+    nn = require("torch", extra="torch", feature="The digits demo").nn
+    return nn.Sequential(
         nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(1024, 128), nn.ReLU(), nn.Linear(128, 10))
-    return fit(net, x_train, y_train, epochs=epochs)
 
 
 def fit(net: Any, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float = 1e-3) -> Any:

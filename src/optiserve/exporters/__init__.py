@@ -88,7 +88,8 @@ def export_version(registry: Registry, ref: str, format: str, *,
                    options: dict[str, Any] | None = None, data: DatasetSpec | None = None,
                    calibration: DatasetSpec | None = None,
                    tolerance: dict[str, Any] | None = None, output: str | Path | None = None, batch_sizes: tuple[int, ...] = (1, 32),
-                   iterations: int = 200, obj: Any = None, progress=None) -> ExportResult:
+                   iterations: int = 200, obj: Any = None, progress=None,
+                   label_column: str | None = None) -> ExportResult:
     """Export version `ref` ('name' or 'name:N') to `format`; see the module docstring.
 
     `data` gives the check rows; without it, synthetic rows built from the signature are used
@@ -96,7 +97,10 @@ def export_version(registry: Registry, ref: str, format: str, *,
     rows, which makes the check optimistic: give both for an honest one). `tolerance` replaces
     the exporter's (atol, rtol, min_cosine, min_label_agreement). `output` is a folder the
     exported files are also written to. `obj` is the in-memory model the version
-    was registered from (the Python API passes it, so TorchScript can script it)."""
+    was registered from (the Python API passes it, so TorchScript can script it).
+    `label_column` names the labels in `data` (and in `calibration` when it has them): an
+    export is checked against its source's outputs, so they are set aside, not used; the
+    label column recorded with the model is set aside the same way when the data has it."""
     exporter_cls = get_exporter(format)
     config = exporter_cls.parse_config(options)
     if not batch_sizes or any(b < 1 for b in batch_sizes) or iterations < 1:
@@ -107,10 +111,14 @@ def export_version(registry: Registry, ref: str, format: str, *,
     Tolerance().override(tolerance)  # a bad tolerance fails before any work
     folder = _output_folder(output) if output else None
     step = progress or (lambda stage: None)
+    if label_column and data is not None and not data.label_column:
+        data = data.model_copy(update={"label_column": label_column})
+    labels = label_column or version.meta.get("label_column")
     with tempfile.TemporaryDirectory(prefix="optiserve-export-") as tmp:
         workdir = Path(tmp)
-        rows, described = _rows(registry, version, data)
-        calib, calib_described = (_rows(registry, version, calibration, "calibration")
+        rows, described = _rows(registry, version, data, default_label=labels)
+        calib, calib_described = (_rows(registry, version, calibration, "calibration",
+                                        default_label=labels)
                                   if calibration else ({}, ""))
         source = Source(path=registry.path(version), format=version.format,
                         signature=version.signature, meta=dict(version.meta), rows=rows,
@@ -161,10 +169,12 @@ def _check_reachable(version: VersionInfo, exporter_cls: type[Exporter]) -> None
 
 
 def _rows(registry: Registry, version: VersionInfo, data: DatasetSpec | None,
-          role: str = "check") -> tuple[dict[str, np.ndarray], str]:
+          role: str = "check", *, default_label: str | None = None,
+          ) -> tuple[dict[str, np.ndarray], str]:
     if data is not None:
         ds = load(data, version.signature, registry.settings,
-                  feature_names=version.meta.get("feature_names"), role=role)
+                  feature_names=version.meta.get("feature_names"), role=role,
+                  default_label=default_label)
         if ds.n == 0:
             raise ExportError(f"The {role} data ({ds.description}) has no rows.",
                               hint="Give a file or query with at least one row.")

@@ -9,6 +9,7 @@ This is what onnxruntime.tools.convert_onnx_models_to_ort does, kept to one mode
 
 from __future__ import annotations
 
+import platform
 from typing import Literal
 
 import onnx
@@ -16,6 +17,7 @@ import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field
 
 from optiserve.core.errors import first_line
+from optiserve.core.quiet import route_logs
 from optiserve.exporters.base import Exported, Exporter, ExportError, Source, Tolerance
 
 _LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -23,6 +25,13 @@ _LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 _QUANTIZED = ("QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinear",
               "ConvInteger")
+_X86 = ("x86_64", "amd64", "i386", "i686")
+
+
+def host_platform() -> Literal["arm", "amd64"]:
+    """The target this machine is: amd64 on x86, else arm (ARM itself, or any other CPU, for
+    which the ARM file is the portable one: it uses no x86-only layout)."""
+    return "amd64" if platform.machine().lower() in _X86 else "arm"
 
 
 class OrtMobileExporter(Exporter):
@@ -36,15 +45,17 @@ class OrtMobileExporter(Exporter):
         optimization_level: Literal["basic", "extended", "all"] = Field(
             "all", description="Graph optimizations saved into the file.")
         target_platform: Literal["arm", "amd64"] = Field(
-            "arm", description="arm (phones, edge boards): no x86-only NCHWc layout, QDQ kept "
-            "as int8; amd64: x86 layout optimizations allowed (the file then runs on x86 only).")
+            default_factory=host_platform,
+            description="The CPU the file will run on; default: this machine's (amd64 on x86, "
+            "arm on ARM). arm (phones, edge boards): no x86-only NCHWc layout, QDQ kept as "
+            "int8; amd64: x86 layout optimizations allowed (the file then runs on x86 only). "
+            "Export for a device of the other kind with -O target_platform=arm (or amd64).")
         type_reduction: bool = Field(
             False, description="Also record the types each operator uses, for a smaller "
             "minimal build.")
 
     def export(self, source: Source, config: Config) -> Exported:
-        from onnxruntime.tools.ort_format_model import create_config_from_models
-
+        create_config_from_models = _ort_tools()
         out = source.workdir / "model.ort"
         so = ort.SessionOptions()
         so.optimized_model_filepath = str(out)
@@ -68,13 +79,35 @@ class OrtMobileExporter(Exporter):
         ops_config = source.workdir / f"model.{suffix}.config"
         create_config_from_models([out], ops_config, config.type_reduction)
         ops = _count_ops(ops_config.read_text())
+        host = host_platform()
+        target = (f"{config.target_platform} (this machine)" if config.target_platform == host
+                  else f"{config.target_platform}, not this {host} machine: the timings here "
+                  "do not predict the device's")
         notes = [f"ONNX Runtime {ort.__version__} ORT format, {config.optimization_level} "
-                 f"optimizations for {config.target_platform}; reduced operator config: "
+                 f"optimizations for {target}; reduced operator config: "
                  f"{ops} operators (build a minimal ONNX Runtime with --minimal_build "
                  f"--include_ops_by_config {ops_config.name})"]
         return Exported(path=out, signature=source.signature, notes=notes,
                         tolerance=_tolerance(source), meta={"ort_operators": ops},
                         files={"model.ort": out, ops_config.name: ops_config})
+
+
+def _ort_tools():
+    """onnxruntime.tools' create_config_from_models, imported without its side effect: the
+    import calls logging.basicConfig(), which would print every library's INFO lines with
+    ours; that handler is taken off the root logger again (its own INFO line goes to our
+    debug log, see core/quiet.py)."""
+    import logging
+
+    route_logs()
+    root = logging.getLogger()
+    before = list(root.handlers)
+    from onnxruntime.tools.ort_format_model import create_config_from_models
+
+    for handler in root.handlers[:]:
+        if handler not in before:
+            root.removeHandler(handler)
+    return create_config_from_models
 
 
 def _tolerance(source: Source) -> Tolerance:

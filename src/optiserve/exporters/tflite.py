@@ -38,6 +38,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from optiserve.core.errors import ModelLoadError, first_line
+from optiserve.core.quiet import fd_to_log
 from optiserve.exporters.base import Exported, Exporter, ExportError, Source, Tolerance
 
 log = logging.getLogger(__name__)
@@ -164,11 +165,13 @@ def _one_row_at_a_time(rows: dict[str, np.ndarray]):
 
 
 def _convert(converter, config: TFLiteExporter.Config) -> bytes:
-    """Run the converter; its stdout chatter goes to the debug log, its failures become one
-    ExportError naming the ops TFLite lacks."""
+    """Run the converter; its chatter (Python's stdout, and the C++ lines such as
+    "fully_quantize: 0, inference_type: 6, ..." written to fd 2) goes to the debug log, its
+    failures become one ExportError naming the ops TFLite lacks."""
     chatter = io.StringIO()
     try:
-        with contextlib.redirect_stdout(chatter), warnings.catch_warnings():
+        with contextlib.redirect_stdout(chatter), fd_to_log("TFLiteConverter"), \
+                warnings.catch_warnings():
             # "Statistics for quantized inputs were expected": the int8 I/O scales come from
             # calibration, which is what we want
             warnings.simplefilter("ignore", UserWarning)

@@ -41,6 +41,7 @@ def save(result, folder: Path, note: Callable[[str], None]) -> str | None:
     biggest = max(c.size_bytes for c in cands) or 1
     for ax, bs in zip(axes[0], sizes):
         points = [(c.latency[bs].p50_ms, c.evaluation.value) for c in cands]
+        slowest = max(x for x, _ in points)
         for i, (c, (x, y)) in enumerate(zip(cands, points)):
             failed = c.gate is not None and not c.gate.passed
             area = 40 + 400 * c.size_bytes / biggest
@@ -49,7 +50,9 @@ def save(result, folder: Path, note: Callable[[str], None]) -> str | None:
             label = "orig" if i == 0 else str(i - 1)
             if c is result.chosen:
                 ax.scatter([x], [y], s=160, marker="*", color="black", zorder=4)
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+            right = x == slowest  # its label goes left, inside the axes
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(-8 if right else 6, 4),
+                        ha="right" if right else "left", fontsize=8)
         idx = front(points)
         ax.plot([points[i][0] for i in idx], [points[i][1] for i in idx], "--", color="grey",
                 zorder=2, label="Pareto front")
@@ -57,13 +60,15 @@ def save(result, folder: Path, note: Callable[[str], None]) -> str | None:
             ax.axhline(required, color="red", lw=0.8,
                        label=f"gate ({result.threshold:.3g} x original)")
         ax.set_xscale("log")
+        ax.margins(x=0.08, y=0.08)  # the biggest markers stay inside the frame
         ax.set_xlabel(f"p50 latency at batch {bs} (ms, log)")
         ax.set_ylabel(result.original.evaluation.metric)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     legend = "\n".join(f"{i}: {c.artifact.label}" for i, c in enumerate(result.candidates))
-    fig.suptitle(f"{result.run_id}: marker area = size, hollow = failed the gate, "
-                 "star = chosen", fontsize=10)
+    # two short lines: one long line is wider than a one-panel figure and was cut off
+    fig.suptitle(f"{result.run_id}: p50 latency vs {result.original.evaluation.metric}\n"
+                 "marker area = size, hollow = failed the gate, star = chosen", fontsize=10)
     fig.text(0.01, -0.02, legend, fontsize=7, va="top", family="monospace")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{result.run_id}-pareto.png"

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from optiserve.bench.isolated import benchmark_isolated
+from optiserve.bench.latency import Latency
 from optiserve.convert.detect import FRAMEWORKS
 from optiserve.convert.torch import example_arrays
 from optiserve.core.errors import (ConfigError, DatasetError, GateFailedError, OptimizationTimeout,
@@ -263,7 +264,13 @@ class Optimizer:
                 status = "timeout" if self.timed_out else "completed"
                 fastest = {size: min(passing, key=lambda c: c.latency[size].p50_ms)
                            for size in self.request.batch_sizes}
+                within = [(size, cand) for size, cand in fastest.items()  # no winner there
+                          if cand is not chosen and not _clearly_faster(cand, chosen, size)]
+                for size, _ in within:
+                    fastest[size] = chosen
                 self._note(_why(chosen, measured, original, fastest))
+                for size, cand in within:
+                    self._note(_within_noise(cand, chosen, size))
             else:
                 chosen = max(measured, key=lambda c: c.evaluation.value - c.gate.required)
                 status = "rejected"
@@ -288,15 +295,23 @@ class Optimizer:
                              dataset: Dataset) -> None:
         """Time the passing candidates within 25 % of the best once more, in turn, and keep each
         one's faster run: one noisy measurement must not decide the choice. The original is
-        re-timed too, so the reported improvement compares best-of-two with best-of-two."""
+        re-timed too, so the reported improvement compares best-of-two with best-of-two; so is
+        the fastest at each batch size, which may become its own version. The difference
+        between a candidate's two runs is kept as its `run_spread`: part of the noise an extra
+        per-batch-size version must beat (see _clearly_faster)."""
         if len(passing) < 2:
             return
         best = min(_speed_score(c, passing) for c in passing)
         finalists = [c for c in passing if _speed_score(c, passing) <= 1.25 * best]
+        for size in self.request.batch_sizes:
+            quickest = min(passing, key=lambda c: c.latency[size].p50_ms)
+            if quickest not in finalists:
+                finalists.append(quickest)
         for cand in [original, *finalists]:
             self.progress(f"re-measuring {cand.artifact.label}", 0)
             again, _ = self._time(cand.artifact, dataset,
                                   _primary_output(cand.outputs, cand.evaluation.task))
+            cand.run_spread = {bs: _spread(cand.latency[bs], again[bs]) for bs in cand.latency}
             cand.latency = {bs: min(cand.latency[bs], again[bs], key=lambda r: r.p50_ms)
                             for bs in cand.latency}
 
@@ -385,9 +400,51 @@ def _why(chosen: Candidate, measured: list[Candidate], original: Candidate,
                  + ": no candidate beats it there")
     others = {b: c for b, c in fastest.items() if c is not chosen}
     for b, c in others.items():
-        text += (f". At batch {b} {c.artifact.label} is faster ({c.latency[b].p50_ms:.3f} ms) "
+        gap = chosen.latency[b].p50_ms / c.latency[b].p50_ms - 1
+        text += (f". At batch {b} {c.artifact.label} is faster ({c.latency[b].p50_ms:.3f} ms, "
+                 f"{gap:.1%}, beyond the {max(noise(c, b), noise(chosen, b)):.1%} timing noise) "
                  "and is kept as its own version")
     return text
+
+
+# -- timing noise ------------------------------------------------------------------------
+def _spread(a: Latency, b: Latency) -> float:
+    """How far two timed runs of the same artifact disagree: |p50₁ - p50₂| / the smaller."""
+    low = min(a.p50_ms, b.p50_ms)
+    return abs(a.p50_ms - b.p50_ms) / low if low > 0 else 0.0
+
+
+def _p50_error(lat: Latency) -> float:
+    """The relative standard error of one run's p50: a median of n calls varies by about
+    1.2533 σ / √n, with σ read off the run's own spread above its median as (p95 - p50) / 1.645
+    (what it is for a normal distribution; latency has a longer tail, so this errs high)."""
+    if lat.runs < 2 or lat.p50_ms <= 0:
+        return 0.0
+    sigma = max(lat.p95_ms - lat.p50_ms, 0.0) / 1.645
+    return 1.2533 * sigma / np.sqrt(lat.runs) / lat.p50_ms
+
+
+def noise(cand: Candidate, size: int) -> float:
+    """The timing noise of a candidate's p50 at one batch size, relative to it: the larger of
+    the difference between its two timed runs (when it was timed twice) and its p50's standard
+    error within the run kept."""
+    return max(cand.run_spread.get(size, 0.0), _p50_error(cand.latency[size]))
+
+
+def _clearly_faster(cand: Candidate, chosen: Candidate, size: int) -> bool:
+    """Whether `cand` beats `chosen` at `size` by more than the noise of either measurement:
+    only then is it worth a version of its own."""
+    gap = chosen.latency[size].p50_ms / cand.latency[size].p50_ms - 1
+    return gap > max(noise(cand, size), noise(chosen, size))
+
+
+def _within_noise(cand: Candidate, chosen: Candidate, size: int) -> str:
+    a, b = cand.latency[size].p50_ms, chosen.latency[size].p50_ms
+    return (f"at batch {size} {cand.artifact.label} measured {a:.4f} ms against the chosen "
+            f"one's {b:.4f} ms: {(b / a - 1):.1%} faster, within the timing noise "
+            f"({max(noise(cand, size), noise(chosen, size)):.1%}: the larger, over the two, of "
+            "the difference between a candidate's two timed runs and its p50's standard error), "
+            "so no extra version is kept for that batch size")
 
 
 def _precision(cand: Candidate) -> str:

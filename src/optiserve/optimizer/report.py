@@ -23,6 +23,8 @@ class Candidate:
     peak_rss_mb: float = 0.0
     gate: GateResult | None = None
     version: VersionInfo | None = None
+    #: batch size -> |p50 of run 1 - p50 of run 2| / the smaller, for a candidate timed twice
+    run_spread: dict[int, float] = field(default_factory=dict)
 
     def summary(self, batch_size: int) -> dict[str, Any]:
         return {
@@ -44,6 +46,8 @@ class Candidate:
             # shrank the network (training passes), carried to the candidates made from it
             "model_stats": self.artifact.meta.get("model_stats"),
             "latency": {f"batch_{bs}": lat.as_dict() for bs, lat in self.latency.items()},
+            # timed twice: how far the two runs' p50 differed, relative (see pipeline.noise)
+            "run_spread": {f"batch_{bs}": round(v, 4) for bs, v in self.run_spread.items()},
             "gate": None if self.gate is None else {
                 "passed": self.gate.passed, "ratio": round(self.gate.ratio, 5),
                 "required": round(self.gate.required, 5), "reason": self.gate.reason},
@@ -69,7 +73,8 @@ class OptimizationResult:
     dataset: str
     threads: int
     notes: list[str] = field(default_factory=list)
-    #: the fastest passing candidate at each batch size (registered too when not the chosen)
+    #: the version to use at each batch size: the fastest passing candidate there when it
+    #: beats the chosen one by more than the timing noise (then registered too), else the chosen
     fastest: dict[int, Candidate] = field(default_factory=dict)
     hardware: dict[str, Any] = field(default_factory=dict)
     pareto_png: str | None = None

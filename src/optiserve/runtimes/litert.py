@@ -30,6 +30,7 @@ import numpy as np
 
 from optiserve.core.deps import available, require
 from optiserve.core.errors import DatasetError, MissingExtraError, ModelLoadError, first_line
+from optiserve.core.quiet import fd_to_log
 from optiserve.runtimes.base import Runtime
 
 #: interpreters kept per runtime, one per distinct set of input shapes
@@ -100,7 +101,10 @@ class LiteRTRuntime(Runtime):
         """A new interpreter with its tensors allocated; Flex ops and bad files named."""
         interpreter = self._new()
         try:
-            interpreter.allocate_tensors()
+            # the first allocation in a process prints "INFO: Created TensorFlow Lite XNNPACK
+            # delegate for CPU." from C++: to the debug log
+            with fd_to_log("LiteRT", once="litert-xnnpack"):
+                interpreter.allocate_tensors()
         except RuntimeError as exc:
             flex = flex_ops(interpreter)
             if flex:

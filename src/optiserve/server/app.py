@@ -27,9 +27,10 @@ log = logging.getLogger("optiserve.server")
 
 
 def create_app(settings: Settings | None = None, *, registry: Registry | None = None,
-               jobs: bool = True, host: str = "127.0.0.1") -> FastAPI:
+               jobs: bool = True, host: str = "127.0.0.1", port: int | None = None) -> FastAPI:
     """The server's app. `jobs=False` serves without running optimizations (an inference
-    replica, or a test that only needs the routes). gRPC listens on `host`:grpc_port."""
+    replica, or a test that only needs the routes). gRPC listens on `host`:grpc_port; `port`
+    (HTTP, where uvicorn listens) only goes into the "ready" log line."""
     settings = settings or load_settings()
     registry = registry or Registry(settings)
     plane = DataPlane(registry)
@@ -50,6 +51,7 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
             if settings.grpc_port:
                 from optiserve.server.grpc.server import start_grpc
                 grpc_server = await start_grpc(plane, keys, settings, host=host)
+            _log_ready(plane, settings, runner, host, port)
             yield
         finally:
             if grpc_server is not None:
@@ -73,6 +75,28 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_upload_mb * 1e6))
     app.add_middleware(OIPRest, plane=plane, keys=keys, settings=settings)
     return app
+
+
+def _log_ready(plane: DataPlane, settings: Settings, runner, host: str,
+               port: int | None) -> None:
+    """One line per deployment loaded (name, versions, runtime, instances), then "ready"."""
+    for name, versions in sorted(plane.served().items()):
+        served = [versions[v] for v in sorted(versions, key=int)]
+        first = served[0]
+        log.info("serving %s: %s v%s (%s, %d instance%s x %d threads, max batch %d)", name,
+                 first.info.model, ",".join(s.version for s in served), first.runtimes[0].name,
+                 len(first.runtimes), "" if len(first.runtimes) == 1 else "s",
+                 first.runtimes[0].threads, first.max_batch_size)
+    stored = plane.registry.deployments.list()
+    failed = [d.name for d in stored if not plane.served().get(d.name)]
+    where = f"http://{host}:{port}" if port else f"host {host}"
+    count = len(plane.served())
+    log.info("ready: %d deployment%s served%s; %s (REST /v2, /api/v1, /docs)%s; %s; %s",
+             count, "" if count == 1 else "s",
+             f", {len(failed)} failed to load ({', '.join(failed)})" if failed else "", where,
+             f", gRPC {host}:{settings.grpc_port}" if settings.grpc_port else "",
+             f"{runner.workers} optimization job worker(s)" if runner else "no optimization jobs",
+             settings.describe_registry())
 
 
 @contextmanager

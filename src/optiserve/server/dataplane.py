@@ -155,6 +155,8 @@ class DataPlane:
         self._states: dict[str, _State] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._started = False
+        self._stored: set[str] = set()  # deployment names in the registry, for _how_to_serve
+        self._stored_at = float("-inf")
 
     # -- lookups (the hot path) ---------------------------------------------------------------
     def get(self, name: str, version: str | None = None) -> ServedVersion:
@@ -169,8 +171,8 @@ class DataPlane:
                                        f"POST /v2/repository/models/{name}/load.")
             raise ModelNotFound(name, known=self._served, detail=(
                 f"No model '{name}' is served here.",
-                "Served: " + (", ".join(sorted(self._served)) or "none")
-                + f". Deploy one with: optiserve deploy {name}"))
+                "Served: " + (", ".join(sorted(self._served)) or "none") + ". "
+                + self._how_to_serve(name)))
         if version is None or version == "":
             return versions[max(versions, key=int)]
         served = versions.get(version)
@@ -182,6 +184,26 @@ class DataPlane:
 
     def served(self) -> dict[str, dict[str, ServedVersion]]:
         return self._served
+
+    def _how_to_serve(self, name: str) -> str:
+        """The fix for a name this server does not serve: a deployment stored after the server
+        started (by `optiserve deploy` in another process, or another server) needs loading
+        here; otherwise it needs deploying. The stored names are read at most every 2 s."""
+        now = time.monotonic()
+        if now - self._stored_at > 2:
+            try:
+                self._stored = {d.name for d in self.registry.deployments.list()}
+            except Exception:  # a message must not fail: say both
+                self._stored = set()
+            self._stored_at = now
+        load = (f"POST /v2/repository/models/{name}/load or `optiserve load {name} --server "
+                "URL`")
+        if name in self._stored:
+            return (f"Deployment '{name}' is stored but this server has not loaded it (it was "
+                    f"deployed after the server started). Load it: {load}, or restart the "
+                    "server.")
+        return (f"Deploy and load it here: {load} (or `optiserve deploy {name}`, then restart "
+                "the server).")
 
     def ready(self) -> bool:
         """Every deployment stored when the server started has loaded (a deployment added or
