@@ -277,6 +277,7 @@ def test_cli_export_writes_files_and_json(tmp_path, optiserve_home, logreg):
     (["--format", "torchscript"], "the torchscript export is made from"),
     (["--format", "ort", "-O", "nonsense"], "is not NAME=VALUE"),
     (["--format", "ort", "--tolerance", "max_error=1"], "Unknown tolerance 'max_error'"),
+    (["--format", "ort", "--label-column", "label"], "no --data was given. Give the check rows"),
 ])
 def test_cli_export_mistakes_are_one_line(tmp_path, optiserve_home, logreg, args, says):
     import pickle

@@ -18,7 +18,7 @@ from rich.text import Text
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from optiserve.cli import render
-from optiserve.core.errors import GateFailedError, OptiserveError
+from optiserve.core.errors import ConfigError, GateFailedError, OptiserveError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make a trained model smaller, faster and served.")
@@ -270,6 +270,10 @@ def export(
     def spec(path):
         return parse_spec(sql=None, path=path, label=None, data_source=None) if path else None
 
+    if label_column and not data:
+        raise ConfigError("--label-column names an array of the check rows, and no --data "
+                          "was given.", hint="Give the check rows with --data FILE, or leave "
+                          "--label-column out.")
     with progress_bar(f"exporting {model} to {format}") as update:
         res = api_export(model, format, options=_assignments(option, "--option"),
                          data=spec(data), calibration=spec(calibration),
