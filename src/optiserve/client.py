@@ -22,11 +22,12 @@ DEFAULT_SERVER = "http://127.0.0.1:8000"
 
 
 class RemoteError(OptiserveError):
-    """The server answered with an error (its own message), or could not be reached."""
+    """The server answered with an error (its own message), or could not be reached;
+    `http_status` is what it answered (503 when unreachable)."""
 
-    def __init__(self, message: str, *, hint: str | None = None, status: int = 400):
+    def __init__(self, message: str, *, hint: str | None = None, http_status: int = 400):
         super().__init__(message, hint=hint)
-        self.status = status
+        self.http_status = http_status
 
 
 def connect(server: str | None = None, key: str | None = None, *, registry=None):
@@ -158,7 +159,7 @@ class Remote:
         except httpx.HTTPError as exc:
             raise RemoteError(f"Cannot reach the server at {self.url} ({type(exc).__name__}: "
                               f"{exc}).", hint="Is `optiserve serve` running there? Check "
-                              "--server / OPTISERVE_SERVER_URL.", status=503) from None
+                              "--server / OPTISERVE_SERVER_URL.", http_status=503) from None
         try:
             body = r.json()
         except ValueError:
@@ -170,7 +171,8 @@ class Remote:
             if r.status_code == 401 and not self._key:
                 hint = ("Give an API key with --key or OPTISERVE_API_KEY (created with: "
                         "optiserve keys create NAME --scope ...).")
-            raise RemoteError(f"{self.url}: {message}", hint=hint, status=r.status_code)
+            raise RemoteError(f"{self.url}: {message}", hint=hint,
+                              http_status=r.status_code)
         if body is None:
             raise RemoteError(f"{self.url}{path} answered {r.status_code} without JSON; is it "
                               "an optiserve server?")

@@ -9,6 +9,7 @@ from optiserve.core.errors import (
     ConfigError, GateFailedError, MissingExtraError, ModelLoadError, ModelNotFound,
     OptiserveError, SQLRefusedError, UnknownNameError,
 )
+from optiserve.server.errors import http_status
 
 
 def test_every_error_is_an_optiserve_error():
@@ -21,7 +22,7 @@ def test_model_not_found_lists_known_models_sorted():
     err = ModelNotFound("churn", known=["zeta", "alpha"])
     assert str(err).startswith("No model 'churn' in the registry.")
     assert "Known models: alpha, zeta." in str(err)
-    assert err.status == 404
+    assert http_status(err) == 404
     assert "has no models yet" in str(ModelNotFound("x"))
 
 

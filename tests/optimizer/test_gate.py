@@ -8,6 +8,7 @@ import pytest
 import optiserve
 from optiserve.api import parse_request
 from optiserve.core.errors import GateFailedError
+from optiserve.server.errors import http_status
 from tests.builders import mlp_onnx
 from tests.optimizer.fakes import PinnedOptimizer
 
@@ -27,7 +28,7 @@ def test_threshold_one_rejects_quantization(registry, mlp):
                            accuracy_threshold=1.0, iterations=20, warmup=2,
                            progress=lambda msg, frac: progress.append(msg))
     err = info.value
-    assert err.status == 422
+    assert http_status(err) == 422
     report = err.report
     assert report.status == "rejected"
     assert report.original.evaluation.metric == "cosine_mean"  # no validation data

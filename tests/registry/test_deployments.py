@@ -10,6 +10,7 @@ import pytest
 from optiserve.core.errors import ConfigError, ConflictError, ModelNotFound
 from optiserve.registry import Registry
 from optiserve.registry.deployments import DeploymentNotFound, DeploymentSpec, parse_spec
+from optiserve.server.errors import http_status
 from tests.builders import linear_onnx, save_onnx
 from tests.registry.fakes import SIG
 
@@ -54,7 +55,7 @@ def test_put_get_list_and_remove(reg):
     assert removed.name == "fast" and removed.spec.max_batch_size == 4
     with pytest.raises(DeploymentNotFound, match="No deployment 'fast'") as err:
         reg.deployments.get("fast")
-    assert err.value.status == 404 and "alpha" in str(err.value)
+    assert http_status(err.value) == 404 and "alpha" in str(err.value)
     assert "optiserve deploy fast" in str(err.value)
     with pytest.raises(DeploymentNotFound, match="alpha"):
         reg.deployments.remove("fast")
@@ -83,7 +84,7 @@ def test_a_deployed_model_cannot_be_deleted(reg, tmp_path):
 
     with pytest.raises(ConflictError, match="served by deployment a, b") as err:
         reg.delete_model("m")
-    assert err.value.status == 409
+    assert http_status(err.value) == 409
     assert "optiserve undeploy a" in str(err.value)
     assert [v.version for v in reg.versions("m")] == [1]  # nothing went
     assert reg.path(reg.get("m")).is_file()
@@ -141,7 +142,7 @@ def test_spec_validation_names_the_field(data, needle):
     with pytest.raises(ConfigError, match="is invalid") as err:
         parse_spec(data)
     assert needle in str(err.value)
-    assert err.value.status == 400
+    assert http_status(err.value) == 400
 
 
 def test_preferred_sizes_without_batching_are_allowed():

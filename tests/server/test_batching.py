@@ -20,6 +20,7 @@ from optiserve.core.errors import OptiserveError
 from optiserve.runtimes.base import load_runtime
 from optiserve.server.batching import (Batcher, BatchStats, ModelFailed, ModelUnavailable,
                                        QueueFull, RequestTimeout)
+from optiserve.server.errors import http_status
 from optiserve.server.tensors import TensorError
 from tests.builders import IR_VERSION, OPSET, linear_onnx, save_onnx
 
@@ -161,7 +162,7 @@ def test_a_request_larger_than_max_batch_size_is_refused(linear, batchers):
     async def main():
         with pytest.raises(TensorError, match="batch of 9 rows.*at most 8") as err:
             b.submit({"x": np.zeros((9, 4), np.float32)}, None)
-        assert err.value.status == 400
+        assert http_status(err.value) == 400
         return await b.submit({"x": np.zeros((8, 4), np.float32)}, None)
 
     assert asyncio.run(main())["y"].shape == (8, 3)
@@ -269,7 +270,7 @@ def test_full_queue_raises_429(linear, batchers):
         queued = [b.submit({"x": np.ones((1, 4), np.float32)}, None) for _ in range(3)]
         with pytest.raises(QueueFull) as err:
             b.submit({"x": np.ones((1, 4), np.float32)}, None)
-        assert err.value.status == 429 and err.value.retry_after_s >= 1
+        assert http_status(err.value) == 429 and err.value.retry_after_s >= 1
         assert "3 requests queued" in str(err.value)
         linear.gate.set()
         done = await asyncio.gather(first, *queued)
@@ -298,7 +299,7 @@ def test_queued_request_times_out_at_its_deadline(linear, batchers):
         finally:
             linear.gate.set()
         waited = time.perf_counter() - started
-        assert err.value.status == 504 and "reached its timeout" in str(err.value)
+        assert http_status(err.value) == 504 and "reached its timeout" in str(err.value)
         return waited, await first, await patient
 
     waited, first, patient = asyncio.run(main())
@@ -337,7 +338,7 @@ def test_a_failing_batch_fails_only_its_requests(linear, batchers):
     async def main():
         with pytest.raises(ModelFailed, match="Model 'm' failed: kaboom in the kernel") as err:
             await b.submit({"x": bad}, None)
-        assert err.value.status == 500
+        assert http_status(err.value) == 500
         good = [np.full((1, 4), i, np.float32) for i in range(20)]
         return good, await asyncio.gather(*[b.submit({"x": x}, None) for x in good])
 
@@ -437,7 +438,7 @@ def test_close_with_drain_finishes_queued_work(linear, batchers):
         await asyncio.sleep(0.05)
         with pytest.raises(ModelUnavailable, match="being unloaded") as err:
             b.submit({"x": np.ones((1, 4), np.float32)}, None)
-        assert err.value.status == 503
+        assert http_status(err.value) == 503
         linear.gate.set()
         await closing
         return await asyncio.gather(first, *queued)

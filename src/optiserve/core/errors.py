@@ -1,6 +1,6 @@
 """One root error; each subclass takes structured arguments and builds a message that says what
-failed, the offending value, and what to do. Faces (CLI, HTTP) map classes to exit codes and
-status codes in one table each."""
+failed, the offending value, and what to do. They know no protocol: faces map classes to exit
+codes (cli/main.py) and to HTTP statuses and gRPC codes (server/errors.py), one table each."""
 
 from __future__ import annotations
 
@@ -15,9 +15,6 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
 
 class OptiserveError(Exception):
     """Root of every error a user can cause or fix. Never raised for our own bugs."""
-
-    #: HTTP status a face should answer with (the table lives with the face; this is its default).
-    status = 400
 
     def __init__(self, message: str, *, hint: str | None = None):
         self.message = message
@@ -41,8 +38,6 @@ class MissingExtraError(OptiserveError):
 
 
 class ModelNotFound(OptiserveError):
-    status = 404
-
     def __init__(self, name: str, version: int | None = None, known: Iterable[str] = (),
                  detail: tuple[str, str] | None = None):
         if detail is not None:  # the model exists, but nothing usable was found
@@ -59,16 +54,12 @@ class ModelNotFound(OptiserveError):
 
 
 class RunNotFound(OptiserveError):
-    status = 404
-
     def __init__(self, run_id: str):
         super().__init__(f"No optimization run '{run_id}'.",
                          hint="Run ids look like opt-1a2b3c4d5e6f.")
 
 
 class ArtifactNotFound(OptiserveError):
-    status = 404
-
     def __init__(self, artifact_id: str):
         super().__init__(f"No artifact '{artifact_id}'.",
                          hint="Artifact ids look like MODEL-vVERSION, e.g. churn-v2; "
@@ -119,41 +110,31 @@ class SignatureMismatchError(DatasetError):
 class GateFailedError(OptiserveError):
     """No candidate kept enough accuracy. Carries the report so faces can still show it."""
 
-    status = 422
-
     def __init__(self, message: str, report: object):
         super().__init__(message)
         self.report = report
 
 
 class OptimizationTimeout(OptiserveError):
-    status = 408
+    """A run passed OPTIMIZATION_MAX_TIME_MINUTES before any candidate was measured."""
 
 
 class ConflictError(OptiserveError):
     """The request is valid but the resource's state forbids it (a model in use, a finished
     job cancelled)."""
 
-    status = 409
-
 
 class UnsupportedUpload(OptiserveError):
     """An upload whose content the server will not take (a pickle over the network)."""
 
-    status = 415
-
 
 class PayloadTooLarge(OptiserveError):
-    status = 413
+    """A request body over the server's limit."""
 
 
 class AuthError(OptiserveError):
     """No API key, or one that is wrong or revoked."""
 
-    status = 401
-
 
 class ScopeError(OptiserveError):
     """A valid key without the scope an endpoint needs."""
-
-    status = 403

@@ -32,8 +32,6 @@ EXPORTERS: dict[str, str] = {
 class ExportError(OptiserveError):
     """An export that cannot be made or does not match its source; nothing is stored."""
 
-    status = 422
-
 
 @dataclass
 class Source:

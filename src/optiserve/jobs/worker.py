@@ -31,6 +31,7 @@ def main(run_id: str, parent: int) -> int:
     from optiserve.optimizer.pipeline import Optimizer
     from optiserve.optimizer.request import OptimizeRequest
     from optiserve.registry.registry import Registry
+    from optiserve.server.errors import http_status  # the status its server will answer
 
     registry = Registry()
     runs = registry.runs
@@ -51,7 +52,7 @@ def main(run_id: str, parent: int) -> int:
     try:
         request = OptimizeRequest.model_validate(run["request"])
         optimizer = Optimizer(registry, request, progress, run_id=run_id,
-                              on_candidate=on_candidate)
+                              on_candidate=on_candidate, status_of=http_status)
         optimizer.run()
     except OptiserveError:
         return 0  # a user's error: recorded in the run by the optimizer

@@ -58,12 +58,16 @@ class Optimizer:
     def __init__(self, registry: Registry, request: OptimizeRequest,
                  progress: Progress | None = None, *, run_id: str | None = None,
                  on_candidate: Callable[[Candidate], None] | None = None,
-                 training: Any = None):
+                 training: Any = None,
+                 status_of: Callable[[BaseException], int] | None = None):
         """`run_id`: an existing run (a server job) to report into instead of a new one;
         `on_candidate` is called with each candidate once it is measured and gated;
         `training`: training rows given in Python (a DataLoader or iterable of batches, see
-        data/batches.py) instead of the request's training_dataset."""
+        data/batches.py) instead of the request's training_dataset; `status_of`: the HTTP
+        status a failed run's row records (the server's job worker passes its error table's;
+        without it the row records none)."""
         self.registry, self.request, self.run_id = registry, request, run_id
+        self.status_of = status_of or (lambda exc: None)
         self.on_candidate = on_candidate or (lambda cand: None)
         self.settings = registry.settings
         self.progress = progress or (lambda msg, frac: None)
@@ -201,16 +205,17 @@ class Optimizer:
             version, dataset, calibration = self.prepare()
         except OptiserveError as exc:
             if self.run_id:  # a job: its row must say why
-                runs.finish(self.run_id, "failed", error=str(exc), error_status=exc.status)
+                runs.finish(self.run_id, "failed", error=str(exc),
+                            error_status=self.status_of(exc))
             raise
         run_id = self.run_id or runs.create(version.model, self.request.model_dump(mode="json"))
         try:
             result = self._run(run_id, version, dataset, calibration)
         except OptimizationTimeout as exc:
-            runs.finish(run_id, "timeout", error=str(exc), error_status=exc.status)
+            runs.finish(run_id, "timeout", error=str(exc), error_status=self.status_of(exc))
             raise
         except OptiserveError as exc:
-            runs.finish(run_id, "failed", error=str(exc), error_status=exc.status)
+            runs.finish(run_id, "failed", error=str(exc), error_status=self.status_of(exc))
             raise
         except BaseException as exc:  # a bug or Ctrl-C: the run must not stay "running"
             runs.finish(run_id, "failed", error=f"{type(exc).__name__}: {exc}", error_status=500)

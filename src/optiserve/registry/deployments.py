@@ -25,8 +25,6 @@ from optiserve.registry.tables import DeploymentRow, ModelRow, utcnow
 
 
 class DeploymentNotFound(OptiserveError):
-    status = 404
-
     def __init__(self, name: str, known: list[str]):
         super().__init__(
             f"No deployment '{name}'.",

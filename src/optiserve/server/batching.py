@@ -38,7 +38,7 @@ INLINE_BELOW_S = 100e-6
 
 
 class QueueFull(OptiserveError):
-    status = 429
+    """The model's queue is at its bound; `retry_after_s` says when to try again."""
 
     def __init__(self, model: str, size: int):
         super().__init__(f"Model '{model}' has {size} requests queued, its limit.",
@@ -48,7 +48,7 @@ class QueueFull(OptiserveError):
 
 
 class RequestTimeout(OptiserveError):
-    status = 504
+    """A request that waited in the queue past its timeout."""
 
     def __init__(self, model: str, waited_s: float):
         super().__init__(f"The request for '{model}' waited {waited_s * 1000:.0f} ms in the "
@@ -58,14 +58,12 @@ class RequestTimeout(OptiserveError):
 
 
 class ModelUnavailable(OptiserveError):
-    status = 503
+    """The model is not serving now (loading, its load failed, or being unloaded)."""
 
 
 class ModelFailed(OptiserveError):
     """The runtime raised while running a batch (not the caller's input: that is checked
     before queueing)."""
-
-    status = 500
 
 
 @dataclass(eq=False)

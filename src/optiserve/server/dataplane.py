@@ -33,7 +33,13 @@ _WARMUP_SEQ = 8  # size given to dynamic dimensions other than the batch while w
 
 
 class LoadFailed(OptiserveError):
-    """A deployment could not be loaded; what served before still serves."""
+    """A deployment could not be loaded; what served before still serves. It answers as its
+    `cause` does (an unknown model stays a 404 / NOT_FOUND)."""
+
+    def __init__(self, name: str, cause: OptiserveError, serving: bool):
+        super().__init__(f"Deployment '{name}' did not load: {cause}",
+                         hint="What served before still serves." if serving else None)
+        self.name, self.cause = name, cause
 
 
 class ServedVersion:
@@ -283,11 +289,7 @@ class DataPlane:
                 state.reason = f"last load failed: {exc}"
                 if new_state and not stored:
                     del self._states[name]
-                failed = LoadFailed(f"Deployment '{name}' did not load: {exc}",
-                                    hint="What served before still serves." if current
-                                    else None)
-                failed.status = exc.status  # an unknown model stays a 404 / NOT_FOUND
-                raise failed from None
+                raise LoadFailed(name, exc, serving=bool(current)) from None
             new = {str(k): v for k, v in keep.items()} | {s.version: s for s in loaded}
             self._served[name] = new
             self._states[name] = _State("READY")

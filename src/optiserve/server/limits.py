@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from optiserve.core.errors import PayloadTooLarge
+from optiserve.server.errors import http_status
 
 
 def too_large(max_bytes: int) -> PayloadTooLarge:
@@ -22,8 +23,9 @@ class BodyLimit:
         self.app, self.max_bytes = app, max_bytes
 
     async def _refuse(self, send) -> None:
-        body = json.dumps({"error": str(too_large(self.max_bytes))}).encode()
-        await send({"type": "http.response.start", "status": 413,
+        refusal = too_large(self.max_bytes)
+        body = json.dumps({"error": str(refusal)}).encode()
+        await send({"type": "http.response.start", "status": http_status(refusal),
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})

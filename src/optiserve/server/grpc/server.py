@@ -1,6 +1,6 @@
 """The gRPC face of the Open Inference Protocol: a thin servicer over the data plane, the
 twin of the REST face (http/v2.py) — same lookups, checks, API key scopes, counters and
-errors, with optiserve's HTTP statuses mapped to gRPC codes.
+errors, each answered with the gRPC code and trailing metadata of server/errors.py's table.
 
 It runs as a grpc.aio server on the event loop that serves HTTP (`start_grpc` is awaited in
 the app's lifespan), so both faces share one data plane and its batchers: a batch can hold
@@ -19,7 +19,7 @@ import grpc
 
 from optiserve.core.errors import ConfigError, OptiserveError, first_line
 from optiserve.server.auth import token_of
-from optiserve.server.batching import QueueFull
+from optiserve.server.errors import error_headers, face, http_status
 from optiserve.server.grpc import codec
 from optiserve.server.grpc import inference_pb2 as pb
 from optiserve.server.grpc.inference_pb2_grpc import (GRPCInferenceServiceServicer,
@@ -28,24 +28,8 @@ from optiserve.server.metrics import UNKNOWN, outcome
 
 log = logging.getLogger("optiserve.server")
 
-# optiserve's HTTP status -> gRPC code (the REST face answers with the status itself)
-CODES: dict[int, grpc.StatusCode] = {
-    400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-    403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
-    409: grpc.StatusCode.FAILED_PRECONDITION, 413: grpc.StatusCode.INVALID_ARGUMENT,
-    429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE,
-    504: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
 _MAX_MESSAGE = 2**31 - 1  # gRPC takes message limits as a C int
 _CANCELLED = 499  # counted like nginx's "client closed request": the client gave up
-
-
-def code(status: int) -> grpc.StatusCode:
-    """The gRPC code of an optiserve error status. Unlisted 4xx are the caller's to fix
-    (INVALID_ARGUMENT); everything else is INTERNAL."""
-    if status in CODES:
-        return CODES[status]
-    return grpc.StatusCode.INVALID_ARGUMENT if 400 <= status < 500 else grpc.StatusCode.INTERNAL
 
 
 def _answers_errors(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
@@ -57,12 +41,8 @@ def _answers_errors(method: Callable[..., Awaitable]) -> Callable[..., Awaitable
         try:
             return await method(self, request, context)
         except OptiserveError as exc:
-            trailing: tuple = ()
-            if isinstance(exc, QueueFull):
-                trailing = (("retry-after", str(exc.retry_after_s)),)
-            elif exc.status == 401:
-                trailing = (("www-authenticate", "Bearer"),)
-            await context.abort(code(exc.status), str(exc), trailing_metadata=trailing)
+            trailing = tuple((k.lower(), v) for k, v in error_headers(exc).items())
+            await context.abort(face(exc).grpc, str(exc), trailing_metadata=trailing)
         except Exception as exc:  # our bug: logged, answered INTERNAL, the server goes on
             log.exception("unhandled error in gRPC %s", method.__name__)
             await context.abort(grpc.StatusCode.INTERNAL,
@@ -101,7 +81,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         try:
             self.plane.get(request.name, request.version or None)
         except OptiserveError as exc:
-            if exc.status not in (404, 503):
+            if face(exc).grpc not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
                 raise
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
@@ -174,7 +154,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             response = codec.infer_response(served.name, served.version, request.id, result,
                                             wanted)
         except OptiserveError as exc:
-            self._count(served, exc.status, started)
+            self._count(served, http_status(exc), started)
             raise
         except asyncio.CancelledError:
             self._count(served, _CANCELLED, started)

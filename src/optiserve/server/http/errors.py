@@ -1,6 +1,7 @@
 """One error shape for every HTTP failure: a 4xx/5xx status with {"error": "..."}.
 
-optiserve's own errors carry their status (core/errors.py); request validation becomes 400
+optiserve's own errors answer what server/errors.py's table says for their class (status and
+headers, e.g. Retry-After, WWW-Authenticate); request validation becomes 400
 (malformed JSON) or 422 (a field that is wrong, missing or unknown), naming the field.
 """
 
@@ -15,13 +16,14 @@ from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException
 
 from optiserve.core.errors import OptiserveError, first_line
+from optiserve.server.errors import error_headers, http_status
 
 log = logging.getLogger("optiserve.server")
 
 
-def error_response(code: int, message: str, **extra) -> JSONResponse:
+def error_response(code: int, message: str, *, headers: dict[str, str] | None = None,
+                   **extra) -> JSONResponse:
     """{"error": message, **extra} with HTTP status `code`."""
-    headers = {"WWW-Authenticate": "Bearer"} if code == 401 else None
     return JSONResponse({"error": message, **extra}, status_code=code, headers=headers)
 
 
@@ -31,7 +33,7 @@ def _field(err: dict) -> str:
 
 
 async def _optiserve(_: Request, exc: OptiserveError) -> JSONResponse:
-    return error_response(exc.status, str(exc))
+    return error_response(http_status(exc), str(exc), headers=error_headers(exc))
 
 
 async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

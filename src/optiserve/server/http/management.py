@@ -24,7 +24,7 @@ from sqlalchemy import text
 import optiserve
 from optiserve import api
 from optiserve.convert.detect import EXTENSIONS, EXT_FORMAT, sniff
-from optiserve.core.errors import ConflictError, UnsupportedUpload
+from optiserve.core.errors import ConflictError, GateFailedError, UnsupportedUpload
 from optiserve.data.sources import DatasetSpec, confine, confine_path
 from optiserve.optimizer.pipeline import Optimizer
 from optiserve.optimizer.request import (MAX_BATCH_SIZES, MAX_ITERATIONS, MAX_WARMUP,
@@ -32,6 +32,7 @@ from optiserve.optimizer.request import (MAX_BATCH_SIZES, MAX_ITERATIONS, MAX_WA
 from optiserve.registry.registry import Registry, VersionInfo
 from optiserve.registry.runs import TERMINAL
 from optiserve.server.auth import scope
+from optiserve.server.errors import http_status
 from optiserve.server.http.errors import error_response
 
 router = APIRouter(prefix="/api/v1")
@@ -289,7 +290,8 @@ def _finished(run: dict[str, Any]) -> JSONResponse:
     if run["status"] in ("completed", "timeout") and report:
         return JSONResponse(report)
     if run["status"] == "rejected":
-        return error_response(422, run["error"] or "No candidate passed the accuracy gate.",
+        return error_response(http_status(GateFailedError),
+                              run["error"] or "No candidate passed the accuracy gate.",
                               report=report or None, optimization_id=run["id"])
     return error_response(run["error_status"] or 500, run["error"] or run["status"],
                           optimization_id=run["id"], status=run["status"])

@@ -34,10 +34,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
-from optiserve.core.errors import ConfigError, OptiserveError, first_line
+from optiserve.core.errors import (ConfigError, ConflictError, OptiserveError, UnsupportedUpload,
+                                   first_line)
 from optiserve.core.types import TensorSpec
 from optiserve.registry.deployments import ImageSpec, PredictSpec
 from optiserve.server.auth import scope
+from optiserve.server.errors import http_status
 from optiserve.server.tensors import datatype
 
 router = APIRouter(prefix="/api/v1", tags=["predict"])
@@ -55,14 +57,12 @@ class PredictError(OptiserveError):
     """A predict request that cannot be turned into the model's inputs."""
 
 
-class UnsupportedContent(PredictError):
-    status = 415
+class UnsupportedContent(PredictError, UnsupportedUpload):
+    """A body that is neither JSON nor an image upload."""
 
 
-class PredictSettingsError(OptiserveError):
+class PredictSettingsError(ConflictError):
     """The deployment's predict settings do not fit the model it serves."""
-
-    status = 409
 
 
 # -- OpenAPI ------------------------------------------------------------------------------
@@ -112,8 +112,11 @@ async def predict(name: str, request: Request,
         body = await _predict(served, request)
         status = 200
         return Response(body, media_type="application/json")
-    except (OptiserveError, HTTPException) as exc:
-        status = getattr(exc, "status", None) or getattr(exc, "status_code", 500)
+    except OptiserveError as exc:
+        status = http_status(exc)
+        raise
+    except HTTPException as exc:
+        status = exc.status_code
         raise
     finally:
         served.stats.request("predict", status, time.perf_counter() - started)

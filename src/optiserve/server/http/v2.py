@@ -19,8 +19,8 @@ import orjson
 
 import optiserve
 from optiserve.core.errors import OptiserveError, first_line
-from optiserve.server.batching import QueueFull
 from optiserve.server.auth import token_of
+from optiserve.server.errors import MethodNotAllowed, error_headers, http_status
 from optiserve.server.limits import too_large
 from optiserve.server.metrics import UNKNOWN, outcome
 from optiserve.server.tensors import (TensorError, datatype, from_binary, from_json, json_data,
@@ -34,13 +34,6 @@ _MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/c
 _REPO = re.compile(r"^/v2/repository/models/([^/]+)/(load|unload)$")
 _JSON = [(b"content-type", b"application/json")]
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
-
-
-class _Reply(Exception):
-    """Answer early with a status and JSON body (used for 4xx on the hot path)."""
-
-    def __init__(self, status: int, body: dict, headers: list | None = None):
-        self.status, self.body, self.headers = status, body, headers or []
 
 
 class OIPRest:
@@ -61,16 +54,8 @@ class OIPRest:
         served = None
         try:
             status, body, headers, served = await self._route(scope, receive, path, started)
-        except _Reply as r:
-            status, body, headers = r.status, orjson.dumps(r.body), _JSON + r.headers
         except OptiserveError as exc:
-            served = getattr(exc, "served", None)
-            status, headers = exc.status, list(_JSON)
-            body = orjson.dumps({"error": str(exc)})
-            if isinstance(exc, QueueFull):
-                headers.append((b"retry-after", str(exc.retry_after_s).encode()))
-            if status == 401:
-                headers.append((b"www-authenticate", b"Bearer"))
+            status, body, headers = _refusal(exc)
         except Exception as exc:  # our bug: logged, answered as 500, the server goes on
             log.exception("unhandled error on %s %s", scope["method"], path)
             status, headers = 500, list(_JSON)
@@ -96,8 +81,8 @@ class OIPRest:
         if path == "/v2/health/ready":
             if self.plane.ready():
                 return 200, b'{"ready":true}', list(_JSON), None
-            raise _Reply(503, {"ready": False, "error": "Not every deployment is loaded; "
-                               "see POST /v2/repository/index."})
+            return 503, orjson.dumps({"ready": False, "error": "Not every deployment is loaded; "
+                                      "see POST /v2/repository/index."}), list(_JSON), None
         if path == "/metrics":
             self._auth(scope, "read", "infer")
             body, content_type = self.plane.metrics.render()
@@ -145,9 +130,9 @@ class OIPRest:
             self._method(method, "GET")
             return self._json({"name": "optiserve", "version": optiserve.__version__,
                                "extensions": EXTENSIONS})
-        raise _Reply(404, {"error": f"No endpoint {path}. The inference protocol lives under "
-                           "/v2 (see the Open Inference Protocol); the management API under "
-                           "/api/v1 (/docs)."})
+        return 404, orjson.dumps({"error": f"No endpoint {path}. The inference protocol lives "
+                                  "under /v2 (see the Open Inference Protocol); the management "
+                                  "API under /api/v1 (/docs)."}), list(_JSON), None
 
     @staticmethod
     def _json(data) -> tuple:
@@ -156,8 +141,7 @@ class OIPRest:
     @staticmethod
     def _method(method: str, allowed: str) -> None:
         if method != allowed:
-            raise _Reply(405, {"error": f"Method {method} is not allowed here; use {allowed}."},
-                         [(b"allow", allowed.encode())])
+            raise MethodNotAllowed(method, allowed)
 
     def _auth(self, scope, *any_of: str) -> None:
         if self.auth:
@@ -172,7 +156,7 @@ class OIPRest:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise _Reply(400, {"error": "The client left before the body arrived."})
+                raise OptiserveError("The client left before the body arrived.")
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
@@ -187,8 +171,8 @@ class OIPRest:
                 d = zlib.decompressobj(wbits=31 if encoding == b"gzip" else 15)
                 body = d.decompress(body, self.max_bytes + 1)
             except zlib.error as exc:
-                raise _Reply(400, {"error": f"The {encoding.decode()} body does not "
-                                   f"decompress ({exc})."}) from None
+                raise OptiserveError(f"The {encoding.decode()} body does not "
+                                     f"decompress ({exc}).") from None
             if len(body) > self.max_bytes:
                 raise too_large(self.max_bytes)
         return body
@@ -211,12 +195,12 @@ class OIPRest:
             config = (request.get("parameters") or {}).get("config") or "{}"
             overrides = orjson.loads(config) if isinstance(config, str) else config
         except (orjson.JSONDecodeError, AttributeError) as exc:
-            raise _Reply(400, {"error": f"The load request is not valid JSON ({exc}); send "
-                               "{\"parameters\": {\"config\": \"{...deployment settings...}\"}}."}
-                         ) from None
+            raise OptiserveError(f"The load request is not valid JSON ({exc}); send "
+                                 "{\"parameters\": {\"config\": \"{...deployment settings...}\"}}."
+                                 ) from None
         if not isinstance(overrides, dict):
-            raise _Reply(400, {"error": "parameters.config must be a JSON object of "
-                               "deployment settings (max_batch_size, instances, ...)."})
+            raise OptiserveError("parameters.config must be a JSON object of "
+                                 "deployment settings (max_batch_size, instances, ...).")
         served = await self.plane.deploy(name, overrides)
         return self._json({"name": name, "versions": [s.version for s in served]})
 
@@ -230,11 +214,16 @@ class OIPRest:
             inputs, wanted, binary_out, timeout_s = _parse(request, raw)
             arrays = served.check(inputs, [w[0] for w in wanted] or None)
             result = await served.infer(arrays, [w[0] for w in wanted] or None, timeout_s)
-        except OptiserveError as exc:
-            exc.served = served  # so the request is counted under its model
-            raise
+        except OptiserveError as exc:  # answered here, so it is counted under its model
+            return (*_refusal(exc), served)
         status, body, headers = _response(served, request, result, wanted, binary_out)
         return status, body, headers, served
+
+
+def _refusal(exc: OptiserveError) -> tuple[int, bytes, list]:
+    """Status, body and headers of an optiserve error, from server/errors.py's table."""
+    extra = [(k.lower().encode(), v.encode()) for k, v in error_headers(exc).items()]
+    return http_status(exc), orjson.dumps({"error": str(exc)}), _JSON + extra
 
 
 def _header(scope, key: bytes) -> bytes | None:
