@@ -293,7 +293,9 @@ def _finished(run: dict[str, Any]) -> JSONResponse:
         return error_response(http_status(GateFailedError),
                               run["error"] or "No candidate passed the accuracy gate.",
                               report=report or None, optimization_id=run["id"])
-    return error_response(run["error_status"] or 500, run["error"] or run["status"],
+    # Crashes, bugs and lost workers are recorded with their status (500, 503); a run without
+    # one ended on a user's error in a process without the server's table (the Python API).
+    return error_response(run["error_status"] or 400, run["error"] or run["status"],
                           optimization_id=run["id"], status=run["status"])
 
 
