@@ -194,9 +194,10 @@ class Batcher:
         for run, busy in zip(self._runners, self._busy):
             if busy.acquire(blocking=False):
                 try:
-                    self._run(run, [item], inline=True)
+                    parts = self._run(run, [item])
                 finally:
                     busy.release()
+                _deliver(parts, inline=True)
                 return True
         return False
 
@@ -221,7 +222,10 @@ class Batcher:
                 if batch is None:
                     return
             with busy:
-                self._run(run, batch)
+                parts = self._run(run, batch)
+            # Answered only once the instance is idle again: a client that sends its next
+            # request on the answer finds it free (and a fast model then runs inline).
+            _deliver(parts)
 
     def _next_batch(self) -> list[Pending] | None:
         """Under the lock: wait for work and cut a batch; None when closed and drained."""
@@ -271,7 +275,8 @@ class Batcher:
             self._queue.remove(p)
             _fail([p], RequestTimeout(self.name, now - p.enqueued))
 
-    def _run(self, run: RunFn, batch: list[Pending], inline: bool = False) -> None:
+    def _run(self, run: RunFn, batch: list[Pending]) -> list[tuple[Pending, object]]:
+        """Run one batch; each request's answer (its outputs, or the error) for _deliver."""
         start = time.perf_counter()
         rows = sum(p.rows for p in batch)
         try:
@@ -291,8 +296,7 @@ class Batcher:
             if not isinstance(exc, OptiserveError):
                 log.exception("model %s failed on a batch of %d", self.name, len(batch))
                 exc = ModelFailed(f"Model '{self.name}' failed: {first_line(exc)}.")
-            _deliver([(p, exc) for p in batch], inline)
-            return
+            return [(p, exc) for p in batch]
         end = time.perf_counter()
         c = self._compute_s
         self._compute_s = end - start if c is None else 0.8 * c + 0.2 * (end - start)
@@ -310,7 +314,7 @@ class Batcher:
                                          end - start))
             except Exception:  # counting must never keep an answer from its request
                 log.exception("model %s: recording a batch failed", self.name)
-        _deliver(parts, inline)
+        return parts
 
 
 def _deliver(parts: list[tuple[Pending, object]], inline: bool = False) -> None:
