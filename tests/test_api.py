@@ -26,6 +26,7 @@ def _check_percentiles(results: dict, runs: int | None = None) -> None:
             assert row["runs"] == runs
 
 
+@pytest.mark.slow
 def test_benchmark_seed_shape(sqlite_registry, mlp):
     out = benchmark("mlp", registry=sqlite_registry, batch_sizes=[4, 1], iterations=20, warmup=2)
     bench = out["benchmark"]
@@ -38,6 +39,7 @@ def test_benchmark_seed_shape(sqlite_registry, mlp):
         ("mlp", 1, "onnx", "onnxruntime", 1)
 
 
+@pytest.mark.slow
 def test_benchmark_by_version_and_time_cap(sqlite_registry, mlp):
     optiserve.register("mlp", mlp_onnx(seed=1), registry=sqlite_registry)
     out = benchmark("mlp:1", registry=sqlite_registry, batch_sizes=[2], iterations=10**7,
@@ -47,6 +49,7 @@ def test_benchmark_by_version_and_time_cap(sqlite_registry, mlp):
     assert 1 <= runs < 10**7  # stopped by max_seconds, and says how many calls it timed
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_benchmark_sklearn_on_validation_data(sqlite_registry, logreg, breast_cancer, tmp_path):
     optiserve.register("bc", logreg, registry=sqlite_registry)
@@ -90,6 +93,7 @@ def test_parse_request_passes_models_through_and_explains_errors():
         parse_request({"model_id": "m", "iterations": 0})
 
 
+@pytest.mark.slow
 def test_optimize_with_request_object(sqlite_registry, mlp):
     req = OptimizeRequest(model_id="mlp", optimizations=["quantization"],
                           quantization_config={"method": "dynamic", "per_channel": True}, accuracy_threshold=0.9,

@@ -210,6 +210,7 @@ def _stop_server(pidfile: Path) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_examples_into_a_file_is_one_readable_line(tmp_path: Path):
     """`optiserve demo --examples` naming a file: one line on stderr, exit 2, no traceback."""
     target = tmp_path / "not-a-folder"

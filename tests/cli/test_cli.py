@@ -27,6 +27,7 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_register_optimize_benchmark_list(tmp_path, optiserve_home):
     model = save_onnx(linear_onnx(8, 3), tmp_path / "lin.onnx")
     reg = cli("register", "lin", str(model), "--json", home=optiserve_home)
@@ -52,6 +53,7 @@ def test_register_optimize_benchmark_list(tmp_path, optiserve_home):
     assert json.loads(listing.stdout) == [{"model": "lin", "versions": 2, "latest": 2}]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, needle", [
     (("register", "m", "missing.onnx"), "no such file"),
     (("optimize", "nobody"), "No model 'nobody'"),
@@ -71,6 +73,7 @@ def test_user_mistakes_are_one_line_and_exit_2(tmp_path, optiserve_home, args, n
     assert json.loads(listing.stdout)[0]["versions"] == 1  # nothing was added
 
 
+@pytest.mark.slow
 def test_gate_failure_exits_3_and_keeps_a_rejected_version(tmp_path, optiserve_home):
     save_onnx(linear_onnx(16, 4), tmp_path / "m.onnx")
     cli("register", "m", str(tmp_path / "m.onnx"), home=optiserve_home)
@@ -93,6 +96,7 @@ def test_config_prints_the_seed_variables(optiserve_home):
     assert "OPTISERVE_DATA_SOURCE_DEMO" in values
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_demo_churn_runs_the_seed_request(optiserve_home):
     pytest.importorskip("sklearn")
@@ -103,6 +107,7 @@ def test_demo_churn_runs_the_seed_request(optiserve_home):
     assert (optiserve_home / "demo" / "ml_features.db").is_file()
 
 
+@pytest.mark.slow
 def test_keys_create_list_revoke(optiserve_home):
     made = cli("keys", "create", "ci-bot", "--scope", "read", "--scope", "optimize",
                home=optiserve_home)

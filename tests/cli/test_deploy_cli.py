@@ -11,6 +11,8 @@ from optiserve.api import register
 from tests.builders import linear_onnx, save_onnx
 from tests.cli.test_cli import cli, one_line_error
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def two_versions(tmp_path, sqlite_registry):

@@ -39,6 +39,7 @@ def lin_outputs(x: np.ndarray, n_in: int = 4, n_out: int = 2, seed: int = 0) -> 
 
 
 # -- 1. the home, found like git's repository ----------------------------------------------
+@pytest.mark.slow
 def test_home_is_found_in_a_parent_folder_and_an_empty_listing_names_it(tmp_path):
     project = tmp_path / "project"
     deep = project / "src" / "deeper"
@@ -65,6 +66,7 @@ def test_home_is_found_in_a_parent_folder_and_an_empty_listing_names_it(tmp_path
         in explicit.stderr
 
 
+@pytest.mark.slow
 def test_empty_runs_deployments_and_keys_listings_name_the_home(optiserve_home):
     for args, what in ((("runs", "list"), "optimization runs"),
                        (("deployments",), "deployments"), (("keys", "list"), "API keys")):
@@ -159,6 +161,7 @@ def lin(tmp_path, sqlite_registry):
     return sqlite_registry
 
 
+@pytest.mark.slow
 def test_infer_locally_from_npz_json_and_inline(lin, tmp_path, optiserve_home):
     x = np.arange(12, dtype=np.float32).reshape(3, 4) / 10
     np.savez(tmp_path / "rows.npz", x=x, label=np.array([0, 1, 0]))  # labels are left out
@@ -181,6 +184,7 @@ def test_infer_locally_from_npz_json_and_inline(lin, tmp_path, optiserve_home):
     assert f"{expected[0]:.4f}"[:5] in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data, needle", [
     ("[[1, 2, 3]]", "Input 'x'"),  # three columns for four
     ('{"z": [[1, 2, 3, 4]], "w": [1]}', "The data has no input 'x'"),
@@ -193,11 +197,13 @@ def test_infer_mistakes_are_one_line(lin, optiserve_home, data, needle):
     assert needle in one_line_error(proc)
 
 
+@pytest.mark.slow
 def test_infer_an_unknown_model_says_so(optiserve_home, sqlite_registry):
     proc = cli("infer", "ghost", "[[1]]", home=optiserve_home)
     assert proc.returncode == 2 and "No model 'ghost'" in one_line_error(proc)
 
 
+@pytest.mark.slow
 def test_models_delete_locally(lin, optiserve_home):
     proc = cli("models", "delete", "lin", home=optiserve_home)  # asks; no answer: nothing done
     assert proc.returncode == 1 and lin.versions("lin")
@@ -215,6 +221,7 @@ def test_models_delete_locally(lin, optiserve_home):
     assert json.loads(cli("models", "list", "--json", home=optiserve_home).stdout) == []
 
 
+@pytest.mark.slow
 def test_runs_list_show_cancel_locally(lin, optiserve_home):
     run_id = lin.runs.create("lin", {"model_id": "lin:1", "optimizations": ["quantization"]},
                              status="queued")

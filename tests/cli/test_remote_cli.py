@@ -48,6 +48,7 @@ def remote(live, *args: str, key: str | None = "admin", env_vars: bool = False):
         os.environ.update(old)
 
 
+@pytest.mark.slow
 def test_deployed_but_not_loaded_says_load_it_then_load_and_infer(live, optiserve_home):
     x = np.random.default_rng(1).standard_normal((5, 4)).astype(np.float32)
     rows = json.dumps(x.tolist())
@@ -80,6 +81,7 @@ def test_deployed_but_not_loaded_says_load_it_then_load_and_infer(live, optiserv
     assert bad.returncode == 2 and "Input 'x'" in one_line_error(bad)
 
 
+@pytest.mark.slow
 def test_a_name_neither_served_nor_deployed_says_deploy_and_load(live):
     proc = remote(live, "infer", "nothing", "[[1, 2, 3, 4]]")
     assert proc.returncode == 2
@@ -88,6 +90,7 @@ def test_a_name_neither_served_nor_deployed_says_deploy_and_load(live):
     assert "Deploy and load it here: POST /v2/repository/models/nothing/load" in line
 
 
+@pytest.mark.slow
 def test_remote_models_list_show_delete(live):
     listed = remote(live, "models", "list", "--json")
     assert listed.returncode == 0, listed.stderr
@@ -104,6 +107,7 @@ def test_remote_models_list_show_delete(live):
     assert gone.returncode == 2 and "No model 'lin'" in one_line_error(gone)
 
 
+@pytest.mark.slow
 def test_remote_runs_list_show_watch_cancel(live):
     queued = live.registry.runs.create("lin", {"model_id": "lin:1"}, status="queued")
     listed = json.loads(remote(live, "runs", "list", "--json").stdout)
@@ -121,6 +125,7 @@ def test_remote_runs_list_show_watch_cancel(live):
     assert missing.returncode == 2 and "No optimization run" in one_line_error(missing)
 
 
+@pytest.mark.slow
 def test_remote_key_mistakes_are_one_line(live):
     none = remote(live, "models", "list", key=None)
     assert none.returncode == 2
@@ -133,6 +138,7 @@ def test_remote_key_mistakes_are_one_line(live):
     assert down.returncode == 2 and "Cannot reach the server" in one_line_error(down)
 
 
+@pytest.mark.slow
 def test_serve_logs_each_deployment_and_a_ready_line(tmp_path, optiserve_home, sqlite_registry):
     register("lin", save_onnx(linear_onnx(4, 2), tmp_path / "lin.onnx"),
              registry=sqlite_registry)

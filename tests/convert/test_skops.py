@@ -89,6 +89,7 @@ def test_pipeline_signature_and_builtin_data_types(tmp_path):
     np.testing.assert_array_equal(loaded.predict_proba(X), pipe.predict_proba(X))
 
 
+@pytest.mark.slow
 def test_optimize_converts_a_skops_model_to_onnx(sqlite_registry, logreg, breast_cancer,
                                                  tmp_path):
     register("bc", _dump(logreg, tmp_path / "bc.skops"), registry=sqlite_registry)

@@ -89,6 +89,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 # -- registering ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_keras_file_registers_and_runs_in_tensorflow(sqlite_registry, tmp_path, dense):
     dense.save(tmp_path / "m.keras")
     v = optiserve.register("dense", tmp_path / "m.keras", registry=sqlite_registry)
@@ -102,6 +103,7 @@ def test_keras_file_registers_and_runs_in_tensorflow(sqlite_registry, tmp_path, 
     np.testing.assert_allclose(out["output"], dense.predict(x, verbose=0), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_savedmodel_folder_and_zip_register_the_same_model(sqlite_registry, tmp_path, dense):
     dense.export(str(tmp_path / "sm"), verbose=False)
     v1 = optiserve.register("sm", tmp_path / "sm", registry=sqlite_registry)
@@ -131,6 +133,7 @@ def test_keras_object_is_stored_as_a_keras_file(sqlite_registry, dense):
     assert [_spec(t) for t in v.signature.inputs] == [("features", "float32", (-1, 8))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("format", ["keras", "savedmodel"])
 def test_several_inputs_and_outputs(tmp_path, settings, two_in_two_out, format):
     if format == "keras":
@@ -159,6 +162,7 @@ def test_several_inputs_and_outputs(tmp_path, settings, two_in_two_out, format):
 
 
 # -- ONNX -------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("format", ["keras", "savedmodel"])
 def test_onnx_conversion_matches_tensorflow(tmp_path, settings, cnn, format):
     if format == "keras":
@@ -184,6 +188,7 @@ def test_onnx_conversion_matches_tensorflow(tmp_path, settings, cnn, format):
     np.testing.assert_allclose(got[name], reference[name], atol=ATOL)
 
 
+@pytest.mark.slow
 def test_optimize_keras_cnn_to_int8(sqlite_registry, tmp_path, cnn):
     cnn.save(tmp_path / "cnn.keras")
     optiserve.register("cnn", tmp_path / "cnn.keras", registry=sqlite_registry)
@@ -210,6 +215,7 @@ def test_optimize_keras_cnn_to_int8(sqlite_registry, tmp_path, cnn):
 
 
 # -- the seed walkthrough ---------------------------------------------------------------------
+@pytest.mark.slow
 def test_mobilenetv2_walkthrough_registers_quantizes_and_serves(make_server, tmp_path):
     """keras.applications.MobileNetV2 saved as .keras -> registered -> quantized -> the
     optimized version deployed -> answering over HTTP.
@@ -277,6 +283,7 @@ def _igamma_savedmodel(folder):
     return model
 
 
+@pytest.mark.slow
 def test_op_tf2onnx_cannot_convert_is_named_with_the_alternative(sqlite_registry, tmp_path):
     model = _igamma_savedmodel(tmp_path / "sm")
     v = optiserve.register("igamma", tmp_path / "sm", registry=sqlite_registry)  # valid TF

@@ -70,6 +70,7 @@ def test_example_arrays_follow_the_signature():
     assert arrays["x"].shape == (5, 3) and arrays["x"].dtype == np.float32
 
 
+@pytest.mark.slow
 def test_torchscript_file_without_inputs_is_a_config_error(torchscript_file, sqlite_registry):
     assert sniff(torchscript_file) == "torchscript"
     with pytest.raises(ConfigError, match="does not record its input shapes"):
@@ -127,6 +128,7 @@ def test_module_with_fit_and_predict_methods_is_still_torch(sqlite_registry):
     assert v.format == "torchscript"
 
 
+@pytest.mark.slow
 def test_exported_program_object(net, sqlite_registry):
     v = register("ep", _export(net), registry=sqlite_registry)
     assert (v.format, v.framework) == ("pt2", "torch")
@@ -138,6 +140,7 @@ def test_exported_program_object(net, sqlite_registry):
     torch.testing.assert_close(program.module()(sample), net(sample))
 
 
+@pytest.mark.slow
 def test_saved_pt2_file(net, sqlite_registry, tmp_path):
     path = tmp_path / "net.pt2"
     torch.export.save(_export(net), str(path))
@@ -153,6 +156,7 @@ def test_static_export_keeps_static_batch(net, tmp_path):
     assert import_file(path).signature.inputs[0].shape == (2, 4)
 
 
+@pytest.mark.slow
 def test_a_program_converted_by_dynamo_quantizes_dynamically(sqlite_registry):
     """The dynamo exporter's shapes for weights made ONNX Runtime's dynamic quantizer fail
     after it transposes a Gemm weight; without them every dynamic INT8 candidate is made."""

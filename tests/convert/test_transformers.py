@@ -10,7 +10,7 @@ import optiserve
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 class Embedder(torch.nn.Module):

@@ -94,6 +94,7 @@ def test_regressor_wrapper_has_a_variable_output(sqlite_registry, breast_cancer)
     np.testing.assert_allclose(out["variable"][:, 0], expected, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["xgb_clf", "lgb_clf"])
 def test_wrapper_converts_end_to_end_with_native_baseline(request, sqlite_registry, tmp_path,
                                                           breast_cancer, wine, model):
@@ -181,6 +182,7 @@ def test_json_that_is_not_xgboost_is_refused(tmp_path):
         import_file(tmp_path / "m.json")
 
 
+@pytest.mark.slow
 def test_lightgbm_categorical_split_is_named_and_refused(sqlite_registry, tmp_path):
     rng = np.random.default_rng(0)
     X = rng.normal(size=(300, 4))

@@ -61,6 +61,7 @@ def test_batches_that_do_not_fit_are_named(batches, says):
     assert says in str(err.value)
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_optimize_trains_qat_from_a_dataloader(sqlite_registry, digits, digits_net, tmp_path):
     torch = pytest.importorskip("torch")

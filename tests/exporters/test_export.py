@@ -58,6 +58,7 @@ def _digits_npz(tmp_path, digits):
     return DatasetSpec(source="file", path=str(path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["trace", "script"])
 def test_torchscript_from_a_module_is_eval_frozen_and_matches_eager(sqlite_registry, cnn, mode,
                                                                     tmp_path):
@@ -82,6 +83,7 @@ def test_torchscript_from_a_module_is_eval_frozen_and_matches_eager(sqlite_regis
     assert v.status == "exported" and sqlite_registry.resolve("cnn").version == 1
 
 
+@pytest.mark.slow
 def test_torchscript_from_a_torch_export_program(sqlite_registry, cnn):
     program = torch.export.export(cnn.eval(), (torch.randn(2, 1, 8, 8),),
                                   dynamic_shapes={"x": {0: torch.export.Dim("batch", max=1000)}})
@@ -102,6 +104,7 @@ def test_scripting_a_stored_file_needs_the_module(sqlite_registry, cnn):
     assert len(sqlite_registry.versions("cnn")) == 2
 
 
+@pytest.mark.slow
 def test_ort_mobile_from_a_torch_model_with_operator_config(sqlite_registry, cnn, digits,
                                                             tmp_path):
     api.register("cnn", cnn, example_inputs=(torch.randn(2, 1, 8, 8),), registry=sqlite_registry)
@@ -124,6 +127,7 @@ def test_ort_mobile_from_a_torch_model_with_operator_config(sqlite_registry, cnn
     assert next(iter(out.values())).shape == (3, 10)
 
 
+@pytest.mark.slow
 def test_ort_mobile_from_scikit_learn_keeps_labels_exact(sqlite_registry, logreg, breast_cancer):
     api.register("lr", logreg, registry=sqlite_registry)
     res = api.export("lr", "ort", registry=sqlite_registry, **FAST)
@@ -132,6 +136,7 @@ def test_ort_mobile_from_scikit_learn_keeps_labels_exact(sqlite_registry, logreg
     assert outputs["probabilities"]["max_abs_error"] < 1e-4
 
 
+@pytest.mark.slow
 def test_openvino_ir_writes_xml_and_bin(sqlite_registry, cnn, tmp_path):
     api.register("cnn", cnn, example_inputs=(torch.randn(2, 1, 8, 8),), registry=sqlite_registry)
     res = api.export("cnn", "openvino", output=tmp_path / "ir", registry=sqlite_registry, **FAST)
@@ -143,6 +148,7 @@ def test_openvino_ir_writes_xml_and_bin(sqlite_registry, cnn, tmp_path):
     assert "synthetic rows" in res.verification["rows"]
 
 
+@pytest.mark.slow
 def test_openvino_static_int8_is_held_to_cosine(sqlite_registry, cnn, digits, tmp_path):
     api.register("cnn", cnn, example_inputs=(torch.randn(2, 1, 8, 8),), registry=sqlite_registry)
     res = api.export("cnn", "openvino", options={"int8": "static"},
@@ -153,6 +159,7 @@ def test_openvino_static_int8_is_held_to_cosine(sqlite_registry, cnn, digits, tm
     assert "INT8" in " ".join(res.notes)
 
 
+@pytest.mark.slow
 def test_an_export_is_served_when_named_and_never_by_latest(make_server, cnn, digits):
     """A deployment's "latest" keeps the ready version; a "specific" policy serves the .ort
     file in ONNX Runtime, with the same outputs as the source."""
@@ -205,6 +212,7 @@ def test_unknown_format_and_bad_option_fail_before_any_work(sqlite_registry, log
     assert len(sqlite_registry.versions("lr")) == 1
 
 
+@pytest.mark.slow
 def test_an_export_outside_its_tolerance_is_refused_and_not_stored(sqlite_registry, cnn,
                                                                    monkeypatch, digits, tmp_path):
     """A real INT8 IR held to a float tolerance: the numbers are in the error, nothing stored."""
@@ -226,6 +234,7 @@ def test_an_export_outside_its_tolerance_is_refused_and_not_stored(sqlite_regist
     assert len(sqlite_registry.versions("cnn")) == 1
 
 
+@pytest.mark.slow
 def test_calibration_rows_apart_from_check_rows_and_a_caller_tolerance(sqlite_registry, cnn,
                                                                        digits, tmp_path):
     api.register("cnn", cnn, example_inputs=(torch.randn(2, 1, 8, 8),), registry=sqlite_registry)
@@ -251,6 +260,7 @@ def test_outputs_are_paired_by_position_when_names_differ():
     assert list(_pair({"logits": a}, {"Identity:0": b})) == ["logits"]
 
 
+@pytest.mark.slow
 def test_cli_export_writes_files_and_json(tmp_path, optiserve_home, logreg):
     import pickle
 
@@ -272,6 +282,7 @@ def test_cli_export_writes_files_and_json(tmp_path, optiserve_home, logreg):
         table.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, says", [
     (["--format", "coreml"], "Unknown export format 'coreml'"),
     (["--format", "torchscript"], "the torchscript export is made from"),
@@ -289,6 +300,7 @@ def test_cli_export_mistakes_are_one_line(tmp_path, optiserve_home, logreg, args
     assert proc.returncode == 2 and says in one_line_error(proc)
 
 
+@pytest.mark.slow
 def test_cli_export_npz_keys_that_miss_the_input_say_so_and_label_column_fixes_it(
         tmp_path, optiserve_home, logreg, breast_cancer):
     """An NPZ whose arrays are not named after the model's input: one line naming the arrays
@@ -318,6 +330,7 @@ def test_cli_export_npz_keys_that_miss_the_input_say_so_and_label_column_fixes_i
     assert "Columns found: features, label." in one_line_error(typo)
 
 
+@pytest.mark.slow
 def test_api_export_label_column_and_the_one_recorded_with_the_model(sqlite_registry, logreg,
                                                                      breast_cancer, tmp_path):
     check = tmp_path / "check.npz"
@@ -338,6 +351,7 @@ def test_api_export_label_column_and_the_one_recorded_with_the_model(sqlite_regi
     assert res.verification["passed"]
 
 
+@pytest.mark.slow
 def test_ort_mobile_targets_this_machine_unless_told(sqlite_registry, cnn, tmp_path):
     """Default target_platform: the machine exporting (amd64 on x86, arm on ARM); the x86
     file then carries ONNX Runtime's NCHWc layout, which the portable ARM file must not."""

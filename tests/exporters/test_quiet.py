@@ -33,6 +33,7 @@ def _quiet(proc: subprocess.CompletedProcess) -> None:
     assert proc.stderr.strip() == "", proc.stderr  # nothing at all on stderr
 
 
+@pytest.mark.slow
 def test_tflite_int8_export_prints_only_its_report(tmp_path, optiserve_home):
     pytest.importorskip("ai_edge_litert")
     keras = pytest.importorskip("keras")
@@ -50,6 +51,7 @@ def test_tflite_int8_export_prints_only_its_report(tmp_path, optiserve_home):
     assert "registered tiny:2 (tflite" in proc.stdout  # the report itself is still there
 
 
+@pytest.mark.slow
 def test_ort_export_of_a_torch_export_program_prints_only_its_report(tmp_path, optiserve_home):
     """A .pt2 goes through torch.onnx's dynamo exporter (opset and torchvision warnings), then
     onnxruntime.tools writes the operator config (its INFO line)."""
@@ -106,6 +108,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_python_library_warnings_go_to_the_debug_log(tmp_path):
     """transformers' loss_type warning (tracing a BERT at register) and onnxscript's fallback
     line: off the terminal, in the debug log as optiserve.third_party records."""

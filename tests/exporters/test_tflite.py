@@ -81,6 +81,7 @@ def _within(ref: np.ndarray, out: np.ndarray, tol: Tolerance) -> None:
         assert agree >= tol.min_label_agreement, f"arg-max agreement {agree:.3f}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantization", ["float32", "dynamic", "float16", "int8"])
 def test_each_precision_runs_any_batch_within_its_tolerance(digits_cnn, tmp_path, quantization):
     exported = _export(digits_cnn, tmp_path, quantization=quantization)
@@ -118,6 +119,7 @@ def test_int8_has_integer_io_tensors_behind_a_float_api(digits_cnn, tmp_path):
     assert got["output"].dtype == np.float32
 
 
+@pytest.mark.slow
 def test_int8_calibrates_on_the_rows_it_is_given(digits_cnn, tmp_path):
     """Rows four times brighter widen the input range four times; synthetic rows say so."""
     exported = _export(digits_cnn, tmp_path, rows=digits_cnn.calibration * 4,
@@ -133,6 +135,7 @@ def test_int8_calibrates_on_the_rows_it_is_given(digits_cnn, tmp_path):
     assert any("synthetic rows is only as good as those rows" in n for n in synthetic.notes)
 
 
+@pytest.mark.slow
 def test_int8_softmax_output_is_named_with_the_logits_way_out(digits_cnn, tmp_path):
     """TFLite quantizes a softmax output on a fixed 1/256 scale; the note says what that
     costs. The logits model (no softmax) gets no such note."""
@@ -167,6 +170,7 @@ def test_int8_without_rows_asks_for_calibration_rows(digits_cnn, tmp_path):
     assert "Pass calibration rows" in str(info.value)
 
 
+@pytest.mark.slow
 def test_runtime_keeps_one_interpreter_per_batch_shape(digits_cnn, tmp_path):
     exported = _export(digits_cnn, tmp_path)
     with LiteRTRuntime(exported.path, exported.signature, threads=1, format="tflite") as rt:
@@ -199,6 +203,7 @@ def test_runtime_falls_back_to_tf_lite_without_ai_edge_litert(digits_cnn, tmp_pa
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_savedmodel_exports_like_keras(digits_cnn, tmp_path):
     folder = tmp_path / "savedmodel"
     digits_cnn.model.export(str(folder), verbose=False)
@@ -215,6 +220,7 @@ def test_savedmodel_exports_like_keras(digits_cnn, tmp_path):
     _within(digits_cnn.reference, out[signature.outputs[0].name], exported.tolerance)
 
 
+@pytest.mark.slow
 def test_many_inputs_and_outputs_keep_their_names(tmp_path):
     """TFLite sorts signature names as strings (output_10 before output_2) and lists its
     output tensors in no useful order: each output must still reach its own name."""

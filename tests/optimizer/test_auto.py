@@ -11,6 +11,8 @@ import pytest
 import optiserve
 from tests.builders import mlp_onnx
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def mlp(sqlite_registry, tmp_path):

@@ -64,6 +64,7 @@ BAD_REQUESTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("error, fields", BAD_REQUESTS)
 def test_bad_input_leaves_registry_unchanged(sqlite_registry, linear, error, fields):
     before = _state(sqlite_registry)
@@ -100,6 +101,7 @@ def _timed_out_registry(monkeypatch):
     return Registry(load_settings(threads=1))
 
 
+@pytest.mark.slow
 def test_time_limit_before_any_candidate_registers_nothing(monkeypatch):
     registry = _timed_out_registry(monkeypatch)
     try:
@@ -112,6 +114,7 @@ def test_time_limit_before_any_candidate_registers_nothing(monkeypatch):
         registry.close()
 
 
+@pytest.mark.slow
 def test_time_limit_before_any_candidate_is_a_timeout(monkeypatch):
     registry = _timed_out_registry(monkeypatch)
     try:
@@ -123,6 +126,7 @@ def test_time_limit_before_any_candidate_is_a_timeout(monkeypatch):
         registry.close()
 
 
+@pytest.mark.slow
 def test_onnx_pass_before_conversion_is_skipped_not_crashed(sqlite_registry, tmp_path):
     """Passes that need ONNX skip non-ONNX nodes whatever order they were asked in."""
     sklearn = pytest.importorskip("sklearn.linear_model")
@@ -151,6 +155,7 @@ def test_benchmark_needs_one_timed_call(sqlite_registry, linear):
         optiserve.benchmark("lin", registry=sqlite_registry, iterations=0)
 
 
+@pytest.mark.slow
 def test_time_limit_after_a_candidate_keeps_it_with_status_timeout(sqlite_registry):
     """The best candidate so far is kept and registered; the status says the search was cut."""
     from optiserve.api import parse_request

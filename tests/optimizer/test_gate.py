@@ -12,6 +12,8 @@ from optiserve.server.errors import http_status
 from tests.builders import mlp_onnx
 from tests.optimizer.fakes import PinnedOptimizer
 
+pytestmark = pytest.mark.slow
+
 PT = "quantization(method=dynamic, per_channel=False)"
 PC = "quantization(method=dynamic, per_channel=True)"
 

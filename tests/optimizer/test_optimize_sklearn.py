@@ -12,7 +12,7 @@ from optiserve.data.sources import DatasetSpec, read
 from optiserve.data.demo_source import FEATURES, LABEL
 from tests.builders import write_csv
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SEED_KEYS = {"optimization_id", "status", "original", "optimized", "improvement", "artifact_id"}
 SUMMARY_KEYS = {"format", "size_mb", "latency_ms", "accuracy"}

@@ -9,7 +9,7 @@ import pytest
 import optiserve
 
 torch = pytest.importorskip("torch")
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_digits_mlp_onnx_and_quantization(sqlite_registry, digits_net, digits, tmp_path):

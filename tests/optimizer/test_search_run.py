@@ -37,6 +37,7 @@ def _k(speed: str, care: int) -> str:
     return f"knob(speed={speed}, care={care})"
 
 
+@pytest.mark.slow
 def test_a_failed_candidate_is_retried_with_the_next_accuracy_knob(sqlite_registry, mlp, knob):
     result = _run(sqlite_registry, {"optimizations": ["knob"]},
                   metric={_k("fast", 1): 0.5, _k("fast", 2): 0.6, _k("slow", 1): 0.5},
@@ -50,6 +51,7 @@ def test_a_failed_candidate_is_retried_with_the_next_accuracy_knob(sqlite_regist
     assert any("was not retried" in n and _k("slow", 1) in n for n in result.notes)
 
 
+@pytest.mark.slow
 def test_no_retry_when_the_user_fixed_the_knob(sqlite_registry, mlp, knob):
     with pytest.raises(GateFailedError) as info:
         _run(sqlite_registry, {"optimizations": ["knob"], "accuracy_threshold": 0.99,
@@ -58,6 +60,7 @@ def test_no_retry_when_the_user_fixed_the_knob(sqlite_registry, mlp, knob):
     assert [c.artifact.label for c in info.value.report.candidates] == [_k("fast", 1)]
 
 
+@pytest.mark.slow
 def test_fastest_per_batch_size_is_kept_as_its_own_version(sqlite_registry, mlp, knob):
     result = _run(sqlite_registry, {"optimizations": ["knob"], "batch_sizes": [1, 64]},
                   latencies={_k("fast", 1): {1: 1.0, 64: 9.0},
@@ -129,6 +132,7 @@ def test_layers_are_ranked_by_their_own_error(tmp_path, how):
     assert ranked[0][1] > 2 * ranked[1][1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how, said", [("garbage", "could not be measured: ModelLoadError"),
                                        ("raise", "broken failed on original with "
                                                  "{'how': 'raise'}: RuntimeError: internal error")])
@@ -143,6 +147,7 @@ def test_one_failing_candidate_costs_only_itself(sqlite_registry, mlp, knob, mon
     assert any(said in n and "the run went on without it" in n for n in result.notes)
 
 
+@pytest.mark.slow
 def test_when_int8_is_slower_fp32_is_kept_and_the_note_says_why(sqlite_registry, mlp):
     fp32, pc = "graph_optimization", "graph_optimization > quantization(method=dynamic, per_channel=True)"
     pt = pc.replace("True", "False")
@@ -158,6 +163,7 @@ def test_when_int8_is_slower_fp32_is_kept_and_the_note_says_why(sqlite_registry,
            "1.200 ms, 12.000 ms" in why
 
 
+@pytest.mark.slow
 def test_a_batch_size_where_the_original_is_faster_is_said(sqlite_registry, mlp, knob):
     result = _run(sqlite_registry, {"optimizations": ["knob"], "batch_sizes": [1, 1000],
                                     "pass_configs": {"knob": {"speed": "fast"}}},
@@ -168,6 +174,7 @@ def test_a_batch_size_where_the_original_is_faster_is_said(sqlite_registry, mlp,
     assert "batch 1 (" not in why
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chosen_64, other_64, kept", [
     # 3 % faster, but the chosen one's two runs differ by 5.8 %: within the noise
     pytest.param([10.3, 10.9], [10.0, 10.4], False, id="gap-within-noise"),

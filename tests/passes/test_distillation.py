@@ -46,6 +46,7 @@ def accuracy(path_or_net, x: np.ndarray, y: np.ndarray) -> float:
         return float((net(torch.from_numpy(x)).numpy().argmax(1) == y).mean())
 
 
+@pytest.mark.slow
 def test_student_derived_from_the_teacher_keeps_its_accuracy(tmp_path, settings, images,
                                                               teacher, teacher_artifact):
     out = distil(teacher_artifact, settings, tmp_path / "wd",
@@ -66,6 +67,7 @@ def test_student_derived_from_the_teacher_keeps_its_accuracy(tmp_path, settings,
             torch.from_numpy(images.x_val[:batch])).shape == (batch, 10)
 
 
+@pytest.mark.slow
 def test_random_student_learns_from_soft_labels_alone(tmp_path, settings, images, teacher,
                                                        teacher_artifact):
     out = distil(teacher_artifact, settings, tmp_path / "wd", rows(images.x_train), width=0.5,
@@ -86,6 +88,7 @@ class Student(nn.Module):
         return self.fc2(torch.relu(self.fc1(input.flatten(1))))
 
 
+@pytest.mark.slow
 def test_a_student_given_as_a_file_is_trained(tmp_path, settings, images, teacher_artifact):
     from optiserve.passes.distillation import save_student
 
@@ -112,6 +115,7 @@ class EmbeddingEncoder(nn.Module):
         return self.net(x)
 
 
+@pytest.mark.slow
 def test_an_encoders_embeddings_are_distilled_by_cosine(tmp_path, settings, digits):
     torch.manual_seed(0)
     encoder = EmbeddingEncoder().eval()
@@ -143,6 +147,7 @@ def test_a_student_of_another_output_shape_is_refused_naming_both(tmp_path, sett
     assert not list((tmp_path / "wd").iterdir())  # nothing written
 
 
+@pytest.mark.slow
 def test_through_optimize_a_mismatched_student_fails_the_run_and_stores_nothing(
         tmp_path, sqlite_registry, digits, digits_net):
     from optiserve import api
@@ -165,6 +170,7 @@ def test_through_optimize_a_mismatched_student_fails_the_run_and_stores_nothing(
     assert run["status"] == "failed" and "the teacher's have [[2, 10]]" in run["error"]
 
 
+@pytest.mark.slow
 def test_through_optimize_a_student_module_is_trained(tmp_path, sqlite_registry, digits,
                                                       digits_net):
     """From Python the student is an nn.Module: the API writes it as a program for the pass."""

@@ -96,6 +96,7 @@ def _factored(note: str) -> dict[str, tuple[int, int, int, int]]:
 
 
 # -- the factoring -----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_factors_each_linear_into_two_of_the_noted_rank(tmp_path, settings, digits, wide_mlp,
                                                         wide):
     out = _low_rank(wide, settings, tmp_path / "wd", energy=0.8)
@@ -121,6 +122,7 @@ def test_factors_each_linear_into_two_of_the_noted_rank(tmp_path, settings, digi
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.95
 
 
+@pytest.mark.slow
 def test_energy_one_keeps_a_low_rank_layer_exactly_and_leaves_full_rank_ones(
         tmp_path, settings, digits, wide_mlp):
     net = copy.deepcopy(wide_mlp)  # its 512 x 512 weight cut to rank 48: exactly low rank
@@ -144,6 +146,7 @@ def test_energy_one_keeps_a_low_rank_layer_exactly_and_leaves_full_rank_ones(
     np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max())
 
 
+@pytest.mark.slow
 def test_lower_energy_keeps_fewer_weights_and_macs(tmp_path, settings, wide):
     dense = 64 * 512 + 512 * 512 + 512 * 10  # an MLP's MACs per row are its weights
     kept = []
@@ -186,6 +189,7 @@ def cnn(digits):
     return net.eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["torchscript", "pt2"])
 def test_conv_becomes_a_kxk_conv_to_the_rank_then_a_1x1(tmp_path, settings, digits, cnn, fmt):
     x = torch.from_numpy(digits.X_train[:2].reshape(-1, 1, 8, 8))
@@ -210,6 +214,7 @@ def test_conv_becomes_a_kxk_conv_to_the_rank_then_a_1x1(tmp_path, settings, digi
 
 
 # -- what the .pt2 does next -------------------------------------------------------------------
+@pytest.mark.slow
 def test_the_program_runs_at_any_batch_and_converts_to_onnx(tmp_path, settings, digits, wide):
     from optiserve.runtimes.base import load_runtime
 
@@ -231,6 +236,7 @@ def test_the_program_runs_at_any_batch_and_converts_to_onnx(tmp_path, settings, 
     assert kinds.count("Gemm") + kinds.count("MatMul") == 6  # two products per layer
 
 
+@pytest.mark.slow
 def test_fine_tuning_lowers_the_loss_and_keeps_accuracy(tmp_path, settings, digits, wide_mlp,
                                                        wide):
     out = _low_rank(wide, settings, tmp_path / "wd", _digits_rows(digits), energy=0.5)
@@ -304,6 +310,7 @@ def test_non_torch_artifact_is_skipped(tmp_path, settings):
 
 
 # -- end to end --------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_optimize_gates_and_times_the_factored_candidates(sqlite_registry, tmp_path, digits,
                                                           wide_mlp):
     optiserve.register("wide", wide_mlp, registry=sqlite_registry,

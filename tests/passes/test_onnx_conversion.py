@@ -99,6 +99,7 @@ def test_torchscript_module(tmp_path, settings, sqlite_registry, digits_net, dig
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_exported_program_keeps_dynamic_batch(tmp_path, settings):
     import torch
 

@@ -75,6 +75,7 @@ def test_ort_specific_graphs_are_skipped_with_the_reason(mlp, tmp_path, settings
              tmp_path, settings, x)
 
 
+@pytest.mark.slow
 def test_openvino_branches_beside_onnx_runtime_candidates(sqlite_registry):
     optiserve.register("mlp", mlp_onnx(), registry=sqlite_registry)
     result = optiserve.optimize("mlp", registry=sqlite_registry,

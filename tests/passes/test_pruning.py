@@ -89,6 +89,7 @@ def _zeros(w: np.ndarray) -> float:
 
 
 # -- magnitude pruning ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_global_pruning_reaches_the_target_and_keeps_accuracy(tmp_path, settings, digits, cnn,
                                                               cnn_artifact):
     out = _run("pruning", cnn_artifact, settings, tmp_path, _rows(digits), sparsity=0.5)
@@ -113,6 +114,7 @@ def test_global_pruning_reaches_the_target_and_keeps_accuracy(tmp_path, settings
     assert _accuracy(pruned_model, digits) >= _accuracy(cnn, digits) - 0.03
 
 
+@pytest.mark.slow
 def test_per_layer_masks_are_chosen_once_and_survive_fine_tuning(tmp_path, settings, digits, cnn,
                                                                  cnn_artifact):
     out = _run("pruning", cnn_artifact, settings, tmp_path, _rows(digits), sparsity=0.6,
@@ -130,6 +132,7 @@ def test_per_layer_masks_are_chosen_once_and_survive_fine_tuning(tmp_path, setti
     assert "at once, 60 fine-tuning steps" in out.notes[0]
 
 
+@pytest.mark.slow
 def test_pruned_program_runs_with_any_batch_and_converts_to_smaller_sparse_onnx(
         tmp_path, settings, digits, cnn_artifact):
     from optiserve.runtimes import load_runtime
@@ -159,6 +162,7 @@ def test_pruned_program_runs_with_any_batch_and_converts_to_smaller_sparse_onnx(
         assert session.run(None, {"x": digits.X_val[:7]})[0].shape == (7, 10)
 
 
+@pytest.mark.slow
 def test_a_pruned_program_can_be_pruned_further(tmp_path, settings, digits, cnn_artifact):
     first = _run("pruning", cnn_artifact, settings, tmp_path / "a", _rows(digits), sparsity=0.5,
                  steps=20)
@@ -171,6 +175,7 @@ def test_a_pruned_program_can_be_pruned_further(tmp_path, settings, digits, cnn_
     assert second.meta["pruned_sparsity"] == pytest.approx(0.7, abs=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["pruning", "lottery_ticket"])
 def test_the_time_limit_stops_training_but_the_target_is_met(tmp_path, settings, digits,
                                                              cnn_artifact, name):
@@ -192,6 +197,7 @@ def test_the_runs_time_limit_is_named(tmp_path, settings, digits, cnn_artifact):
 
 
 # -- lottery ticket --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_lottery_ticket_reports_the_sparsity_accuracy_curve(tmp_path, settings, digits, cnn,
                                                             cnn_artifact):
     out = _run("lottery_ticket", cnn_artifact, settings, tmp_path, _rows(digits), rounds=2,
@@ -229,6 +235,7 @@ def _optimize(registry, data, **fields):
                               iterations=20, warmup=2, **fields)
 
 
+@pytest.mark.slow
 def test_pruning_then_sparse_onnx_end_to_end(sqlite_registry, digits_model):
     # digits_net's hidden layer is random features (only the readout is fitted): 80 % of them
     # pruned cost it about 2 points of accuracy, hence the 0.95 threshold
@@ -251,6 +258,7 @@ def test_pruning_then_sparse_onnx_end_to_end(sqlite_registry, digits_model):
     assert result.status == "completed"
 
 
+@pytest.mark.slow
 def test_without_training_data_pruning_is_skipped_with_the_fix(sqlite_registry, digits_model):
     result = _optimize(sqlite_registry, digits_model,
                        optimizations=["pruning", "onnx_conversion"])

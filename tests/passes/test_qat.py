@@ -102,6 +102,7 @@ def _predict(path: Path, x: np.ndarray, name: str = "input") -> np.ndarray:
     return session.run(None, {name: x})[0]
 
 
+@pytest.mark.slow
 @pytest.mark.cpu_numerics
 @pytest.mark.parametrize("fmt", ["torchscript", "pt2"])
 def test_qat_exports_int8_qdq_that_keeps_accuracy(tmp_path, settings, digits8, cnn, artifacts,
@@ -160,6 +161,7 @@ def test_without_labels_it_distills_and_can_keep_the_output_float(tmp_path, sett
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.97
 
 
+@pytest.mark.slow
 @pytest.mark.cpu_numerics
 @pytest.mark.parametrize("hardware, bits", [(VNNI, 8), (NO_VNNI, 7)], ids=["vnni", "avx2-only"])
 def test_weights_are_trained_in_the_range_the_cpu_computes_exactly(tmp_path, settings, digits8,
@@ -294,6 +296,7 @@ def resnet(digits8):
     return _trained(net, digits8, epochs=4)
 
 
+@pytest.mark.slow
 @pytest.mark.cpu_numerics
 def test_residual_cnn_loads_in_onnx_runtime_with_integer_convs_and_adds(tmp_path, settings,
                                                                         digits8, resnet):

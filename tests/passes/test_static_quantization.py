@@ -288,6 +288,7 @@ def test_fused_transformer_matmuls_are_quantized(tmp_path, settings, calibrate_m
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning",
                             "ignore:Converting a tensor to a Python boolean")
@@ -480,6 +481,7 @@ def test_config_errors(tmp_path, settings, mlp_path):
 
 
 # -- memory and chunking -------------------------------------------------------------------------
+@pytest.mark.slow
 def test_many_rows_calibrate_in_bounded_memory(tmp_path, settings):
     """2,000 rows through a model with 8,192-wide activations: held at once, the histogram
     calibrators' activations alone take 2,000 x 8,192 x 4 B x 2 tensors = 125 MB (and ONNX

@@ -94,6 +94,7 @@ def predict(path: Path, x: np.ndarray) -> np.ndarray:
 
 
 # -- the digits CNN ---------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["torchscript", "pt2"])
 def test_channels_shrink_to_multiples_of_round_to_and_accuracy_holds(
         tmp_path, settings, images, cnn, cnn_artifacts, fmt):
@@ -154,6 +155,7 @@ def test_removing_dead_channels_changes_no_output(tmp_path, settings, images, cn
     np.testing.assert_allclose(predict(out.path, images.x_val), ref, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_pruned_program_runs_at_any_batch_and_converts_to_onnx(tmp_path, settings, images,
                                                                 cnn_artifacts):
     import onnxruntime as ort
@@ -180,6 +182,7 @@ def wide_mlp(hidden: int):
                          nn.Linear(hidden, 10)).eval()
 
 
+@pytest.mark.slow
 def test_a_step_that_makes_onnx_runtime_faster_is_kept(tmp_path, settings, digits):
     # 512 -> 256 neurons in both hidden layers: about 3.4x fewer multiply-adds per row
     net = wide_mlp(512)
@@ -195,6 +198,7 @@ def test_a_step_that_makes_onnx_runtime_faster_is_kept(tmp_path, settings, digit
     assert weights(out.path)["2.weight"] == (256, 256)
 
 
+@pytest.mark.slow
 def test_a_step_that_is_not_faster_is_rejected_and_says_so(tmp_path, settings, digits):
     # 2 % of one layer's neurons, to a ragged count: nothing ONNX Runtime can run faster
     net = wide_mlp(256)
@@ -209,6 +213,7 @@ def test_a_step_that_is_not_faster_is_rejected_and_says_so(tmp_path, settings, d
 # -- other architectures ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_channels_joined_by_a_residual_add_are_pruned_together(tmp_path, settings, images):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32),
@@ -259,6 +264,7 @@ class Encoder(nn.Module):
         return self.ln2(x + self.down(nn.functional.gelu(self.up(x)))).mean(1)
 
 
+@pytest.mark.slow
 def test_transformer_ffn_neurons_are_pruned_and_attention_is_left_alone(tmp_path, settings):
     x = np.random.default_rng(0).standard_normal((256, 5, 16)).astype(np.float32)
     net = Encoder().eval()
@@ -329,6 +335,7 @@ def test_no_training_data_is_skipped_with_what_to_give(tmp_path, settings, cnn_a
 
 
 # -- through the optimizer --------------------------------------------------------------------
+@pytest.mark.slow
 def test_optimize_chains_pruning_conversion_and_quantization(tmp_path, sqlite_registry, images,
                                                             cnn):
     from optiserve import api

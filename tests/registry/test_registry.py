@@ -122,6 +122,7 @@ def test_resolve_rejects_non_numeric_version(registry, model_file):
         registry.resolve("m:latest")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["", "-lead", ".hidden", "has space", "a/b", "x" * 129,
                                   "semi;colon"])
 def test_invalid_model_name_is_a_config_error(registry, model_file, name):

@@ -27,6 +27,7 @@ def test_health_needs_no_key_everything_else_does(server):
         assert r.headers["www-authenticate"] == "Bearer"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("token", ["osk_nope_nope", "garbage", "osk_"])
 def test_wrong_key_is_401(server, token):
     r = server.client(token=token).get("/api/v1/models")
@@ -38,6 +39,7 @@ def test_x_api_key_header_works_too(server):
     assert r.status_code == 200
 
 
+@pytest.mark.slow
 def test_scopes(server):
     reader = server.client(server.key("read"))
     writer = server.client(server.key("models:write"))
@@ -86,6 +88,7 @@ def test_auth_off_only_when_asked(make_server):
     assert live.client(token=None).get("/api/v1/models").status_code == 200
 
 
+@pytest.mark.slow
 def test_serve_warns_loudly_when_auth_is_off_on_a_public_address(optiserve_home):
     import os
     import subprocess

@@ -59,6 +59,7 @@ def test_unknown_optimization_name(lin):
     _no_new_runs_or_versions(lin)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("threshold", [0, 1.5, -0.2])
 def test_threshold_out_of_range(lin, threshold):
     _error(lin.client().post(OPT, json={"model_id": "lin", "accuracy_threshold": threshold}),
@@ -82,6 +83,7 @@ def test_sql_source_is_named_never_a_url(lin):
     _no_new_runs_or_versions(lin)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["../../etc/passwd", "/etc/passwd", "../home/registry.db"])
 def test_path_outside_the_data_folder(lin, path):
     body = {"model_id": "lin", "validation_dataset": {"source": "file", "path": path}}
@@ -107,6 +109,7 @@ def test_symlink_out_of_the_data_folder_is_refused(lin, tmp_path):
     _error(lin.client().post(OPT, json=body), 400, "outside the data folder")
 
 
+@pytest.mark.slow
 def test_file_in_the_data_folder_is_accepted(lin):
     body = {"model_id": "lin", "optimizations": ["graph_optimization"], "iterations": 5,
             "warmup": 1, "validation_dataset": {"source": "file", "path": "val.npz"}}

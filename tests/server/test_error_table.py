@@ -120,6 +120,7 @@ def _sample(error: type) -> OptiserveError:
     return QueueFull("m", 1) if error is QueueFull else error("sample")
 
 
+@pytest.mark.slow
 def test_each_face_answers_the_same(serve):
     # a batch that is not full waits 3 s for more rows: the queue-full case fills the queue
     g = serve(max_batch_size=8, max_queue_delay_us=3_000_000, max_queue_size=1)

@@ -222,6 +222,7 @@ def wait_for_queue_depth(g: Grpc, depth: int, timeout_s: float = 5) -> None:
     raise AssertionError(f"the queue never held {depth} requests")
 
 
+@pytest.mark.slow
 def test_timeout_parameter_and_full_queue(serve):
     # a batch that is not full waits 300 ms for more rows: long enough to expire or fill up
     g = serve(max_batch_size=8, max_queue_delay_us=300_000, max_queue_size=1)

@@ -61,6 +61,7 @@ def _wait_running(client, run_id: str, timeout: float = 60) -> dict:
     raise AssertionError(f"{run_id} never started measuring")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def test_seed_request_verbatim_completes_with_every_field_measured(
         make_server, churn_pipeline, tmp_path, backend, request):
@@ -98,6 +99,7 @@ def test_seed_request_verbatim_completes_with_every_field_measured(
     assert d.status_code == 200 and d.headers["x-checksum-sha256"]
 
 
+@pytest.mark.slow
 def test_wait_true_answers_exactly_the_seed_response(server, churn_pipeline, tmp_path):
     _register(server, churn_pipeline, tmp_path)
     r = server.client().post("/api/v1/inference/optimize?wait=true", json=SEED_REQUEST)
@@ -109,6 +111,7 @@ def test_wait_true_answers_exactly_the_seed_response(server, churn_pipeline, tmp
     assert server.registry.runs.get(body["optimization_id"])["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_cancel_running_and_queued_jobs(server, churn_pipeline, tmp_path):
     _register(server, churn_pipeline, tmp_path, "m")
     c = server.client()
@@ -135,6 +138,7 @@ def test_cancel_running_and_queued_jobs(server, churn_pipeline, tmp_path):
     assert c.delete("/api/v1/models/m").status_code == 200
 
 
+@pytest.mark.slow
 def test_job_past_the_time_limit_is_killed_and_marked_timeout(make_server, churn_pipeline,
                                                                tmp_path):
     # 0.05 s of optimization time and no grace: the supervisor stops the job during start-up
@@ -149,6 +153,7 @@ def test_job_past_the_time_limit_is_killed_and_marked_timeout(make_server, churn
     assert [v.version for v in live.registry.versions("m")] == [1]
 
 
+@pytest.mark.slow
 def test_two_jobs_on_one_model_at_once(make_server, churn_pipeline, tmp_path):
     live = make_server(job_workers=2)
     _register(live, churn_pipeline, tmp_path, "m")
@@ -165,6 +170,7 @@ def test_two_jobs_on_one_model_at_once(make_server, churn_pipeline, tmp_path):
         assert live.registry.path(v).is_file()
 
 
+@pytest.mark.slow
 def test_killed_server_marks_its_job_failed_on_restart(settings, churn_pipeline, tmp_path):
     from optiserve.registry import Registry
 

@@ -80,6 +80,7 @@ def test_oversized_upload_is_413_before_it_is_stored(make_server):
     assert live.registry.models() == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["../etc", "a b", "-x"])
 def test_bad_model_name_is_400(server, name):
     r = upload(server.client(), name, _onnx_bytes())
@@ -94,6 +95,7 @@ def test_unknown_model_and_artifact_are_404(server):
     assert c.delete("/api/v1/models/nope").status_code == 404
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_skops_upload_then_optimize_over_http(server, logreg, breast_cancer, tmp_path):
     import skops.io
@@ -143,6 +145,7 @@ def test_torchscript_upload_with_input_specs(server, digits_net, tmp_path):
     assert missing.status_code == 400 and "input" in missing.json()["error"].lower()
 
 
+@pytest.mark.slow
 def test_benchmark_endpoint_gives_the_seed_shape(server):
     c = server.client()
     assert upload(c, "lin", _onnx_bytes()).status_code == 201
@@ -206,6 +209,7 @@ def test_native_tree_files_are_refused_over_the_network(server, tmp_path, breast
     assert server.registry.models() == []
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_savedmodel_is_refused_and_keras_file_accepted_over_the_network(server, tmp_path):
     keras = pytest.importorskip("keras")

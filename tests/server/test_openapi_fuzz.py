@@ -3,9 +3,12 @@ error is JSON with an "error" field."""
 
 from __future__ import annotations
 
+import pytest
 import schemathesis
 from schemathesis import GenerationMode
 from hypothesis import HealthCheck, given, settings
+
+pytestmark = pytest.mark.slow
 
 
 def test_no_5xx_whatever_the_input(server):

@@ -121,6 +121,7 @@ def live(make_server, tmp_path):
 
 
 # -- tabular --------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_records_and_tensors_match_onnxruntime(live):
     X = np.random.default_rng(3).standard_normal((10, 4)).astype(np.float32)
     want = live.lin.run(None, {"x": X})[0]
@@ -181,6 +182,7 @@ def test_sklearn_records_by_feature_name_with_its_classes(make_server, breast_ca
 
 
 # -- images ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_image_top_k_labels_match_numpy(live):
     data = png(40, 30)
     r = image_post(live, "cnn", data)
@@ -219,6 +221,7 @@ def test_image_raw_logits_without_post_processing(live):
 
 
 # -- bad input ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_bad_images(live):
     error(image_post(live, "cnn", b"this is not an image"), 400, "not an image")
     error(image_post(live, "cnn", b""), 400, "empty")
@@ -233,6 +236,7 @@ def test_bad_images(live):
     error(image_post(live, "cnn", png(10, 8)), 400, "smaller than the crop")
 
 
+@pytest.mark.slow
 def test_bad_json(live):
     post = lambda body, **kw: predict(live, "lin", json=body, **kw)  # noqa: E731
     error(post({}), 400, "neither 'records' nor 'inputs'")
@@ -265,6 +269,7 @@ def test_bad_json(live):
     error(r, 401)
 
 
+@pytest.mark.slow
 def test_bad_predict_settings(live):
     c = live.client()
     r = c.put("/api/v1/deployments/cnn", json={"predict": {"image": {"mean": [0.5, 0.5]}}})

@@ -282,6 +282,7 @@ def test_oversized_bodies_are_413(make_server, tmp_path):
     s.triton.close()
 
 
+@pytest.mark.slow
 def test_full_queue_is_429_with_retry_after(bad):
     bad.register("slow", mlp_onnx((128, 1024, 1024, 8)))
     bad.deploy("slow", max_batch_size=0, max_queue_size=1, threads=1)

@@ -421,6 +421,7 @@ def test_metrics(lin):
 
 
 # -- concurrency ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_64_concurrent_requests_are_batched(served):
     served.register("mlp", mlp_onnx((32, 64, 8)))
     served.deploy("mlp", max_batch_size=64, max_queue_delay_us=20_000)
