@@ -405,9 +405,9 @@ def _why(chosen: Candidate, measured: list[Candidate], original: Candidate,
                  + ": no candidate beats it there")
     others = {b: c for b, c in fastest.items() if c is not chosen}
     for b, c in others.items():
-        gap = chosen.latency[b].p50_ms / c.latency[b].p50_ms - 1
+        gap, limit = _lead(c, chosen, b)
         text += (f". At batch {b} {c.artifact.label} is faster ({c.latency[b].p50_ms:.3f} ms, "
-                 f"{gap:.1%}, beyond the {max(noise(c, b), noise(chosen, b)):.1%} timing noise) "
+                 f"{gap:.1%}, beyond the {limit:.1%} timing noise) "
                  "and is kept as its own version")
     return text
 
@@ -436,18 +436,25 @@ def noise(cand: Candidate, size: int) -> float:
     return max(cand.run_spread.get(size, 0.0), _p50_error(cand.latency[size]))
 
 
+def _lead(cand: Candidate, chosen: Candidate, size: int) -> tuple[float, float]:
+    """How much faster `cand` is than `chosen` at `size` (relative), and the noise it must
+    beat: the larger of the two measurements' noise."""
+    gap = chosen.latency[size].p50_ms / cand.latency[size].p50_ms - 1
+    return gap, max(noise(cand, size), noise(chosen, size))
+
+
 def _clearly_faster(cand: Candidate, chosen: Candidate, size: int) -> bool:
     """Whether `cand` beats `chosen` at `size` by more than the noise of either measurement:
     only then is it worth a version of its own."""
-    gap = chosen.latency[size].p50_ms / cand.latency[size].p50_ms - 1
-    return gap > max(noise(cand, size), noise(chosen, size))
+    gap, limit = _lead(cand, chosen, size)
+    return gap > limit
 
 
 def _within_noise(cand: Candidate, chosen: Candidate, size: int) -> str:
-    a, b = cand.latency[size].p50_ms, chosen.latency[size].p50_ms
-    return (f"at batch {size} {cand.artifact.label} measured {a:.4f} ms against the chosen "
-            f"one's {b:.4f} ms: {(b / a - 1):.1%} faster, within the timing noise "
-            f"({max(noise(cand, size), noise(chosen, size)):.1%}: the larger, over the two, of "
+    gap, limit = _lead(cand, chosen, size)
+    return (f"at batch {size} {cand.artifact.label} measured {cand.latency[size].p50_ms:.4f} ms "
+            f"against the chosen one's {chosen.latency[size].p50_ms:.4f} ms: {gap:.1%} faster, "
+            f"within the timing noise ({limit:.1%}: the larger, over the two, of "
             "the difference between a candidate's two timed runs and its p50's standard error), "
             "so no extra version is kept for that batch size")
 
