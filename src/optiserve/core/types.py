@@ -14,6 +14,10 @@ class TensorSpec(BaseModel):
     dtype: str = Field(description="numpy dtype name, e.g. 'float32', 'int64', 'str'.")
     shape: tuple[int, ...] = Field(description="Dimensions; -1 marks a dynamic one (the batch).")
 
+    def describe(self) -> str:
+        """name:dtype[shape], e.g. input:float32[-1, 9]."""
+        return f"{self.name}:{self.dtype}{list(self.shape)}"
+
     def fits(self, shape: tuple[int, ...]) -> bool:
         """Whether rows of `shape` (any number of them) fit this tensor."""
         return len(shape) == len(self.shape) and all(
@@ -33,6 +37,6 @@ class Signature(BaseModel):
 
     def describe(self) -> str:
         def fmt(ts: tuple[TensorSpec, ...]) -> str:
-            return ", ".join(f"{t.name}:{t.dtype}{list(t.shape)}" for t in ts)
+            return ", ".join(t.describe() for t in ts)
 
         return f"inputs [{fmt(self.inputs)}] -> outputs [{fmt(self.outputs)}]"

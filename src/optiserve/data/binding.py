@@ -75,7 +75,7 @@ def _unmatched(columns: dict[str, np.ndarray], signature: Signature, label_colum
     """The data's arrays do not name the model's inputs: say what was found, what was
     expected, and how to fix it."""
     names = [s.name for s in signature.inputs]
-    expected = ", ".join(f"{s.name}:{s.dtype}{list(s.shape)}" for s in signature.inputs)
+    expected = ", ".join(s.describe() for s in signature.inputs)
     found = ", ".join(f"{k}:{_shape(v)}" for k, v in columns.items()) or "none"
     if label_column:
         found += f" (labels: '{label_column}')"
@@ -103,7 +103,7 @@ def _stack(columns, signature, feature_names, description: str = "") -> np.ndarr
     if not arrays:
         raise SignatureMismatchError(
             f"The data{f' ({description})' if description else ''} has no columns for the "
-            f"model's input {spec.name}:{spec.dtype}{list(spec.shape)}.",
+            f"model's input {spec.describe()}.",
             hint="Give the feature columns (or an array named after the input).")
     width = spec.shape[1] if len(spec.shape) == 2 else -1
     order = feature_names or list(columns)
