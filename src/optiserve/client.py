@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from optiserve.core.errors import ConflictError, OptiserveError
+from optiserve.core.errors import OptiserveError
 
 TERMINAL = ("completed", "failed", "rejected", "cancelled", "timeout")
 DEFAULT_SERVER = "http://127.0.0.1:8000"
@@ -65,20 +65,14 @@ class Local:
                 for m in self.registry.models()]
 
     def model(self, name: str) -> dict:
-        from optiserve.server.http.management import version_json
+        from optiserve.server.http.management import get_model
 
-        versions = self.registry.versions(name)
-        ready = [v for v in versions if v.status == "ready"]
-        return {"name": name, "versions": [version_json(v) for v in versions],
-                "latest": ready[-1].version if ready else None}
+        return get_model(name, self.registry)  # the route's own body: the same JSON
 
     def delete_model(self, name: str) -> dict:
-        active = self.registry.runs.active_for_model(name)
-        if active:
-            raise ConflictError(f"Model '{name}' is used by optimization(s) {', '.join(active)}.",
-                                hint="Wait for them to finish, or cancel them with: optiserve "
-                                f"runs cancel {active[0]}")
-        return {"deleted": name, "versions": self.registry.delete_model(name)}
+        from optiserve.server.http.management import delete_model
+
+        return delete_model(name, self.registry)
 
     def runs(self, *, model: str | None = None, status: str | None = None,
              limit: int = 50) -> list[dict]:

@@ -260,7 +260,14 @@ class Registry:
 
     def delete_model(self, name: str) -> int:
         """Delete a model, its versions and the files no other version shares; returns the
-        number of versions deleted. Rows go in one transaction, files after it."""
+        number of versions deleted. Rows go in one transaction, files after it. Refused while
+        a deployment serves it or an optimization run uses it."""
+        active = self.runs.active_for_model(name)
+        if active:
+            raise ConflictError(f"Model '{name}' is used by optimization(s) {', '.join(active)}.",
+                                hint="Wait for them to finish, or cancel them: optiserve runs "
+                                f"cancel {active[0]} (or DELETE /api/v1/inference/optimizations/"
+                                f"{active[0]}).")
         with self._session.begin() as s:
             model = s.scalar(select(ModelRow).where(ModelRow.name == name).with_for_update())
             if model is None:

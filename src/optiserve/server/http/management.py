@@ -221,12 +221,6 @@ def get_model(model_id: str, registry: Reg):
                dependencies=[Depends(scope("models:write"))],
                summary="Delete a model and its artifacts (refused while a job uses it)")
 def delete_model(model_id: str, registry: Reg):
-    active = registry.runs.active_for_model(model_id)
-    if active:
-        raise ConflictError(f"Model '{model_id}' is used by optimization(s) "
-                            f"{', '.join(active)}.",
-                            hint="Wait for them to finish, or cancel them with "
-                            "DELETE /api/v1/inference/optimizations/ID.")
     return {"deleted": model_id, "versions": registry.delete_model(model_id)}
 
 
