@@ -10,16 +10,18 @@ from pydantic import ValidationError
 
 from optiserve.bench.isolated import benchmark_isolated
 from optiserve.bench.latency import seed_json
-from optiserve.convert.detect import EXTENSIONS, import_file, import_object
+from optiserve.convert.detect import import_file, import_object
+from optiserve.convert.formats import EXTENSIONS
 from optiserve.convert.torch import example_arrays
 from optiserve.core.errors import ConfigError
 from optiserve.data.sources import DatasetSpec, load
-from optiserve.exporters import ExportResult, export_version
+from optiserve.exporters.export import ExportResult, export_version
 from optiserve.optimizer.pipeline import Progress
 from optiserve.optimizer.pipeline import optimize as _optimize
 from optiserve.optimizer.report import OptimizationResult
 from optiserve.optimizer.request import OptimizeRequest
-from optiserve.registry.registry import Registry, VersionInfo, check_model_name
+from optiserve.registry.registry import Registry, VersionInfo
+from optiserve.registry.tables import check_model_name
 from optiserve.runtimes.base import runtime_for
 
 

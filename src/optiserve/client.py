@@ -98,10 +98,14 @@ class Local:
         import asyncio
 
         from optiserve.registry.deployments import Deployment, DeploymentNotFound, parse_spec
-        from optiserve.server.dataplane import DataPlane
+        from optiserve.server.dataplane import DataPlane, InferRequest, Payload
         from optiserve.server.tensors import datatype
 
         name, version = split_ref(ref)
+
+        def decode(served) -> Payload:
+            arrays = bind(data, served.metadata()["inputs"])
+            return Payload({n: (a, datatype(a.dtype)) for n, a in arrays.items()}, outputs)
 
         async def run():
             plane = DataPlane(self.registry)
@@ -112,13 +116,10 @@ class Local:
                     self.registry.versions(name)  # ModelNotFound names the known ones
                     deployment = Deployment(name, parse_spec({"model": name}), None, None)
                 await plane.load(deployment, stored=False)
-                served = plane.get(name, version)
-                arrays = bind(data, served.metadata()["inputs"])
-                checked = served.check({n: (a, datatype(a.dtype)) for n, a in arrays.items()},
-                                       outputs)
-                result = await served.infer(checked, outputs)
-                return {"model_name": name, "model_version": served.version,
-                        "outputs": {k: np.asarray(v) for k, v in result.items()}}
+                response = await plane.infer(InferRequest(name, decode, version, "python",
+                                                          split=True))
+                return {"model_name": name, "model_version": response.version,
+                        "outputs": {k: np.asarray(v) for k, v in response.outputs.items()}}
             finally:
                 await plane.close()
 

@@ -12,7 +12,8 @@ import pytest
 from optiserve import api
 from optiserve.core.errors import ConfigError, SignatureMismatchError, UnknownNameError
 from optiserve.data.sources import DatasetSpec
-from optiserve.exporters import ExportError, Tolerance, export_version, reachable, verify
+from optiserve.exporters.base import ExportError, Tolerance
+from optiserve.exporters.export import export_version, reachable
 from optiserve.runtimes.base import load_runtime
 from tests.cli.test_cli import cli, one_line_error
 from tests.server import conftest as server_conftest
@@ -254,7 +255,7 @@ def test_calibration_rows_apart_from_check_rows_and_a_caller_tolerance(sqlite_re
 
 def test_outputs_are_paired_by_position_when_names_differ():
     """Converters rename outputs (TFLite's StatefulPartitionedCall:0): pairs go by position."""
-    from optiserve.exporters import _pair
+    from optiserve.exporters.export import _pair
 
     a, b = np.ones((2, 3)), np.zeros((2, 3))
     assert list(_pair({"logits": a}, {"Identity:0": b})) == ["logits"]

@@ -4,7 +4,6 @@ fastest passing candidate kept per batch size, the Pareto chart."""
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 from onnx import numpy_helper
 

@@ -10,7 +10,6 @@ import onnx
 import pytest
 
 import optiserve
-from optiserve.core.types import Signature
 from optiserve.data.binding import Dataset
 from optiserve.passes.base import Artifact, PassContext, PassSkipped, get_pass
 from optiserve.runtimes.base import load_runtime

@@ -121,7 +121,7 @@ def test_qdq_graph_and_outputs(tmp_path, settings, mlp_path, eval_x, calibrate_m
     note = out.notes[0]
     assert note.startswith(f"static INT8 QDQ {HERE_ACT} " + ("per-channel" if per_channel
                                                              else "per-tensor"))
-    assert f"calibration on 256 rows of test rows in chunks of 16, peak memory +" in note
+    assert "calibration on 256 rows of test rows in chunks of 16, peak memory +" in note
     assert not any("left in FP32" in n for n in out.notes)
 
     ref, got = run_onnx(mlp_path, {"x": eval_x})[0], run_onnx(out.path, {"x": eval_x})[0]

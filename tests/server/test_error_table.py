@@ -68,7 +68,7 @@ def test_every_error_class_has_a_row_and_no_status_of_its_own():
 
 
 def test_wrapped_errors_and_headers():
-    from optiserve.server.dataplane import LoadFailed
+    from optiserve.server.served import LoadFailed
 
     failed = LoadFailed("churn", ModelNotFound("churn"), serving=False)
     assert face(failed) == face(ModelNotFound) and face(failed).http == 404

@@ -372,7 +372,7 @@ def demo(skip_minilm: bool = typer.Option(False, help="Skip the transformer (fas
             paths = write_examples(examples, progress=update)
         console.print(f"wrote {', '.join(p.name for p in paths)} in {examples}")
         return
-    from optiserve.demo.run import run_demo
+    from optiserve.cli.demo import run_demo
 
     run_demo(console, progress_bar, _registry(), minilm=not skip_minilm, cnn=not skip_cnn)
 

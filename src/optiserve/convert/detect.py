@@ -9,22 +9,12 @@ they hold is trusted (see convert/sklearn.py).
 from __future__ import annotations
 
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from optiserve.convert.formats import Imported
 from optiserve.core.errors import ModelLoadError
-from optiserve.core.types import Signature
 
-# format -> extension used when storing the artifact
-EXTENSIONS = {"onnx": ".onnx", "pkl": ".pkl", "skops": ".skops", "torchscript": ".pt",
-              "pt2": ".pt2", "openvino": ".ovz", "xgboost": ".json", "xgboost_ubj": ".ubj",
-              "lightgbm": ".txt", "keras": ".keras", "savedmodel": ".savedmodel.zip",
-              "tflite": ".tflite", "ort": ".ort"}
-FRAMEWORKS = {"onnx": "onnx", "pkl": "sklearn", "skops": "sklearn", "torchscript": "torch",
-              "pt2": "torch", "openvino": "openvino", "xgboost": "xgboost",
-              "xgboost_ubj": "xgboost", "lightgbm": "lightgbm", "keras": "tensorflow",
-              "savedmodel": "tensorflow", "tflite": "tflite", "ort": "onnx"}
 EXT_FORMAT = {".onnx": "onnx", ".pkl": "pkl", ".pickle": "pkl", ".joblib": "pkl",
                ".skops": "skops", ".pt": "torchscript", ".pth": "torchscript",
                ".jit": "torchscript", ".pt2": "pt2", ".json": "xgboost", ".ubj": "xgboost_ubj",
@@ -33,20 +23,6 @@ _SUPPORTED = ("Supported: .onnx, .pkl/.joblib (scikit-learn pickle), .skops (sci
               "saved with skops.io.dump), .pt (TorchScript), .pt2 (torch.export), .json/.ubj "
               "(XGBoost booster.save_model), .txt (LightGBM booster.save_model), .keras "
               "(Keras 3 model.save), a TensorFlow SavedModel folder (or a zip of it).")
-
-
-@dataclass
-class Imported:
-    """A model ready to store: the file, its format, framework, signature and facts about it."""
-
-    path: Path
-    format: str
-    signature: Signature
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def framework(self) -> str:
-        return FRAMEWORKS[self.format]
 
 
 def sniff(path: Path) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from optiserve.convert.detect import Imported
+from optiserve.convert.formats import Imported
 from optiserve.core.errors import ModelLoadError, first_line
 from optiserve.core.types import Signature, TensorSpec
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from optiserve.convert.detect import Imported
+from optiserve.convert.formats import Imported
 from optiserve.core.deps import require
 from optiserve.core.errors import ConversionError, ModelLoadError, first_line
 from optiserve.core.types import Signature, TensorSpec

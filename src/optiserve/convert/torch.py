@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from optiserve.convert.detect import Imported
+from optiserve.convert.formats import Imported
 from optiserve.core.deps import require
 from optiserve.core.errors import ConfigError, ConversionError, ModelLoadError, first_line
 from optiserve.core.types import Signature, TensorSpec

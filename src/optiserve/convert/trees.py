@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from optiserve.convert.detect import Imported
+from optiserve.convert.formats import Imported
 from optiserve.core.deps import require
 from optiserve.core.errors import ConversionError, ModelLoadError, first_line
 from optiserve.core.types import Signature, TensorSpec
@@ -56,7 +56,7 @@ def sniff_tree(path: Path) -> str | None:
     if head.startswith(b"binf") or path.suffix.lower() in (".model", ".bst", ".deprecated"):
         xgb = _xgb("Loading an XGBoost model")
         raise ModelLoadError(str(path), "it looks like an XGBoost binary model, a format "
-                             f"removed in xgboost 3.1, or is corrupted",
+                             "removed in xgboost 3.1, or is corrupted",
                              hint=_resave_hint(xgb))
     return None
 

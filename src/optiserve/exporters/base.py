@@ -3,7 +3,7 @@
 An exporter turns one registered version into a file another runtime or device runs: it reads
 the source formats it names in `reads` and writes `format`. Verifying the result against the
 source, timing it and registering it is the same for every format and lives in
-exporters/__init__.py, so an exporter only makes the file and says how close it must be.
+exporters/export.py, so an exporter only makes the file and says how close it must be.
 """
 
 from __future__ import annotations

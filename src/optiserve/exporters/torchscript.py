@@ -68,7 +68,7 @@ class TorchScriptExporter(Exporter):
         if config.mode == "script" and source.format != "torchscript":
             raise ExportError("Scripting needs the Python nn.Module; a stored "
                               f"{source.format} file has lost its Python code.",
-                              hint="Pass the module to optiserve.exporters(module, 'torchscript', "
+                              hint="Pass the module to optiserve.export(module, 'torchscript', "
                               "name=..., options={'mode': 'script'}), or use mode 'trace'.")
         what = ("the torch.export program's eager module" if source.format == "pt2"
                 else "the stored TorchScript")

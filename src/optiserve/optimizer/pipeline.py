@@ -19,7 +19,7 @@ import numpy as np
 
 from optiserve.bench.isolated import benchmark_isolated
 from optiserve.bench.latency import Latency
-from optiserve.convert.detect import FRAMEWORKS
+from optiserve.convert.formats import FRAMEWORKS
 from optiserve.convert.torch import example_arrays
 from optiserve.core.errors import (ConfigError, DatasetError, GateFailedError, OptimizationTimeout,
                                    OptiserveError, first_line)

@@ -1,7 +1,7 @@
 """Channel groups on an FX graph, and the surgery that removes channels from them.
 
 Which output channels of which Conv / Linear layers must be pruned together, found by following
-each layer's output channels through the graph (fake_quant.graph_module's form: BatchNorm
+each layer's output channels through the graph (fx.graph_module's form: BatchNorm
 folded, functional aten.conv2d / aten.linear with stored weights) to the layers that read them:
 
 - elementwise ops, activations, pooling, BatchNorm, flatten/reshape (a flattened channel
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from optiserve.passes.base import PassSkipped
-from optiserve.passes.fake_quant import _CONV, _get_attr, _op
+from optiserve.passes.fx import CONV, aten_op, get_attr
 
 # Ops that keep every element where it was: the channel dimension passes through unchanged.
 _ELEMENTWISE = {"relu", "relu_", "gelu", "silu", "sigmoid", "tanh", "hardtanh", "hardtanh_",
@@ -120,12 +120,12 @@ class _Groups:
 # -- the analysis ----------------------------------------------------------------------------
 def layer_parts(node: Any) -> tuple[Any, Any, int, bool] | None:
     """(weight, bias, groups, transposed) of a Conv/Linear call; None for any other node."""
-    op, args = _op(node), list(node.args)
+    op, args = aten_op(node), list(node.args)
     if op == "linear":
         return args[1], args[2] if len(args) > 2 else node.kwargs.get("bias"), 1, False
     if op == "convolution":
         return args[1], args[2], args[8], bool(args[6])
-    if op in _CONV:
+    if op in CONV:
         groups = args[6] if len(args) > 6 else node.kwargs.get("groups", 1)
         return args[1], args[2] if len(args) > 2 else node.kwargs.get("bias"), groups, False
     return None
@@ -207,7 +207,7 @@ class _Walk:
         if node.op == "call_function" and node.target is operator.getitem:
             self.tags[node] = tagged[0][1]
             return
-        op = _op(node)
+        op = aten_op(node)
         handler = getattr(self, _HANDLERS.get(op, "unknown"))
         if handler not in (self.binary, self.cat) and any(
                 src is not node.args[0] for src, _ in tagged):
@@ -220,16 +220,16 @@ class _Walk:
         stored = getattr(weight, "op", None) == "get_attr" and self.uses[weight.target] == 1 \
             and (bias is None or getattr(bias, "op", None) == "get_attr")
         w_shape = _shape(weight) or (0, 0)
-        depthwise = _op(node) != "linear" and groups > 1 and groups == w_shape[0] \
+        depthwise = aten_op(node) != "linear" and groups > 1 and groups == w_shape[0] \
             and w_shape[1] == 1
         if any(src is not node.args[0] for src, _ in tagged):
-            return self.unknown(node, _op(node) + " (its weight)", tagged)
+            return self.unknown(node, aten_op(node) + " (its weight)", tagged)
         if tagged:
             self.read(node, tagged[0][1], stored, depthwise, groups, transposed)
             if depthwise:
                 return
         if stored and groups == 1 and not transposed and _shape(node):
-            dim = len(_shape(node)) - 1 if _op(node) == "linear" else 1
+            dim = len(_shape(node)) - 1 if aten_op(node) == "linear" else 1
             group = Group(size=w_shape[0], producers=[
                 (layer_label(node), weight.target, getattr(bias, "target", None))])
             if self.ignore & {layer_label(node), node.name, weight.target}:
@@ -245,13 +245,13 @@ class _Walk:
         group = self.groups.get(gid)
         if not stored:
             self.groups.pin(gid, f"read by {node.name}, whose weight is not a stored tensor")
-        elif _op(node) == "linear" and dim == ndim - 1:
+        elif aten_op(node) == "linear" and dim == ndim - 1:
             group.consumers.append((weight.target, block))
         elif dim != 1 or block != 1:
             self.groups.pin(gid, f"read by {node.name} along another dimension")
         elif depthwise:
             group.params += [(weight.target, 0)] + ([(bias.target, 0)] if bias else [])
-            group.literals.append((node, 8 if _op(node) == "convolution" else 6, None))
+            group.literals.append((node, 8 if aten_op(node) == "convolution" else 6, None))
             self.tags[node] = tag
         elif groups == 1 and not transposed:
             group.consumers.append((weight.target, 1))
@@ -400,7 +400,7 @@ def importance(torch: Any, gm: Any, group: Group, kind: str) -> Any:
     layer's norms scaled to mean 1 so a residual group weighs its layers equally."""
     total = 0
     for _, weight, _ in group.producers:
-        w = _get_attr(gm, weight).detach().reshape(group.size, -1)
+        w = get_attr(gm, weight).detach().reshape(group.size, -1)
         norm = w.abs().sum(1) if kind == "l1" else w.pow(2).sum(1).sqrt()
         total = total + norm / norm.mean().clamp_min(1e-12)
     return total

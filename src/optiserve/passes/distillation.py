@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from optiserve.core.deps import require
 from optiserve.core.errors import ConfigError, first_line
 from optiserve.passes.base import Artifact, Pass, PassContext, PassSkipped
-from optiserve.passes.fake_quant import graph_module
+from optiserve.passes.fx import graph_module
 from optiserve.passes.channels import (channel_groups, drop_unused, kept_count, layer_parts,
                                        left_alone, prunable, shrink)
 from optiserve.passes.structured_pruning import default_round_to

@@ -14,9 +14,6 @@ scalars, the only form its QLinearAdd (a residual connection's Add) accepts.
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -29,132 +26,12 @@ from optiserve.convert.onnx_io import write_meta
 from optiserve.core.errors import first_line
 from optiserve.core.types import Signature
 from optiserve.passes.base import PassSkipped
+from optiserve.passes.fx import CONV, aten_op, get_attr, quiet, retarget_sizes, set_param
 
-_CONV = ("conv1d", "conv2d", "conv3d", "convolution")
 # Ops that move values without changing them: their output keeps their input's scale.
 _SAME_SCALE = {"max_pool1d", "max_pool2d", "max_pool3d", "flatten", "view", "reshape",
                "_unsafe_view", "dropout", "clone", "contiguous", "permute", "transpose",
                "squeeze", "unsqueeze", "alias"}
-
-
-def _op(node: Any) -> str:
-    """'conv2d' for a call of torch.ops.aten.conv2d.default; '' for anything else."""
-    if getattr(node, "op", None) != "call_function" or not str(node.target).startswith("aten."):
-        return ""
-    return getattr(node.target, "__name__", "").split(".")[0]
-
-
-def graph_module(torch: Any, path: Path, fmt: str, args: tuple) -> Any:
-    """An FX GraphModule of a stored torch model (format "pt2" or "torchscript", traced on
-    `args`), BatchNorm folded and Conv/Linear weights trainable parameters."""
-    try:
-        if fmt == "pt2":
-            gm = torch.export.load(str(path)).module()
-        else:
-            from torch._export.converter import TS2EPConverter
-
-            script = torch.jit.load(str(path), map_location="cpu").eval()
-            with _quiet("torch._export"):  # advice about unused buffers and specialized dims
-                gm = TS2EPConverter(script, args).convert().module()
-    except Exception as exc:  # the converters raise many types; any means "cannot follow it"
-        raise PassSkipped(f"the {fmt} model could not be turned into an FX graph "
-                          f"to fake-quantize ({first_line(exc, 200)})") from None
-    for node in list(gm.graph.nodes):  # export's input guards: they only check shapes
-        if node.op == "call_module" and node.target == "_guards_fn":
-            gm.graph.erase_node(node)
-            gm.delete_submodule("_guards_fn")
-    for method in ("train", "eval"):  # .module() forbids them; the ONNX exporter calls eval()
-        gm.__dict__.pop(method, None)
-    for key, hook in list(gm._forward_pre_hooks.items()):  # reads shapes jit.trace cannot
-        if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
-            del gm._forward_pre_hooks[key]
-    _fold_batch_norm(torch, gm)
-    for node in gm.graph.nodes:
-        if _op(node) in (*_CONV, "linear"):
-            for arg in node.args[1:3]:
-                if getattr(arg, "op", None) == "get_attr":
-                    _set_param(torch, gm, arg.target, _get_attr(gm, arg.target))
-    gm.recompile()
-    return gm
-
-
-def _size(tensor: Any, dim: int) -> Any:
-    return tensor.size(dim)
-
-
-def _view(tensor: Any, shape: Any) -> Any:
-    return tensor.view(shape)
-
-
-def _reshape(tensor: Any, shape: Any) -> Any:
-    return tensor.reshape(shape)
-
-
-# A batch size read in the graph reaches ONNX as a Shape op only when jit.trace sees it come
-# from Tensor.size and go to Tensor.view/reshape; through aten ops it is baked in as a number.
-_TRACEABLE = {"aten.sym_size.int": _size, "aten.view.default": _view,
-              "aten.reshape.default": _reshape, "aten._unsafe_view.default": _reshape}
-
-
-@contextlib.contextmanager
-def _quiet(logger: str):
-    """Silence a library's warnings (Python warnings and its logger) for the duration."""
-    chatty = logging.getLogger(logger)
-    level = chatty.level
-    chatty.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        chatty.setLevel(level)
-
-
-def _get_attr(gm: Any, target: str) -> Any:
-    owner, _, attr = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, attr)
-
-
-def _set_param(torch: Any, gm: Any, target: str, value: Any) -> None:
-    owner, _, attr = target.rpartition(".")
-    module = gm.get_submodule(owner) if owner else gm
-    if hasattr(module, attr):
-        delattr(module, attr)  # TS2EP keeps weights as buffers: make them parameters
-    module.register_parameter(attr, torch.nn.Parameter(value.detach().clone().float()))
-
-
-def _fold_batch_norm(torch: Any, gm: Any) -> None:
-    """conv -> batch_norm(inference statistics) becomes one conv with scaled weights and bias:
-    the form ONNX Runtime quantizes. The statistics stay those of the original model."""
-    graph = gm.graph
-    for bn in list(graph.nodes):
-        op, conv = _op(bn), bn.args[0] if bn.args else None
-        if op not in ("batch_norm", "_native_batch_norm_legit_no_training") or \
-                _op(conv) not in _CONV or len(conv.users) != 1 or \
-                (_op(conv) == "convolution" and conv.args[6]) or \
-                (op == "batch_norm" and bn.args[5]) or \
-                (op != "batch_norm" and any(u.args[1] != 0 for u in bn.users)) or \
-                any(getattr(a, "op", None) != "get_attr" for a in (conv.args[1], *bn.args[1:5])):
-            continue  # training-mode or affine-free BatchNorm, or a shared conv: left as is
-        eps = bn.args[7] if op == "batch_norm" else bn.args[6]
-        gamma, beta, mean, var = (_get_attr(gm, a.target).detach().float() for a in bn.args[1:5])
-        w = _get_attr(gm, conv.args[1].target).detach()
-        bias = conv.args[2] if len(conv.args) > 2 else None
-        b = _get_attr(gm, bias.target).detach() if bias is not None else torch.zeros_like(mean)
-        factor = gamma / torch.sqrt(var + eps)
-        _set_param(torch, gm, f"{conv.name}_folded_weight",
-                   w * factor.reshape(-1, *[1] * (w.dim() - 1)))
-        _set_param(torch, gm, f"{conv.name}_folded_bias", (b - mean) * factor + beta)
-        with graph.inserting_before(conv):
-            new_w = graph.get_attr(f"{conv.name}_folded_weight")
-            new_b = graph.get_attr(f"{conv.name}_folded_bias")
-        conv.args = (conv.args[0], new_w, new_b, *conv.args[3:])
-        for user in ([bn] if op == "batch_norm" else list(bn.users)):  # else: getitem 0 of 3
-            user.replace_all_uses_with(conv)
-            if user is not bn:
-                graph.erase_node(user)
-        graph.erase_node(bn)
-    graph.eliminate_dead_code()
 
 
 def insert_fake_quant(torch: Any, gm: Any, *, quantize_output: bool,
@@ -179,8 +56,8 @@ def insert_fake_quant(torch: Any, gm: Any, *, quantize_output: bool,
                             dtype=torch.quint8, qscheme=torch.per_tensor_affine)
 
     for node in list(graph.nodes):
-        op = _op(node)
-        if op not in (*_CONV, "linear") or (op == "convolution" and node.args[6]):
+        op = aten_op(node)
+        if op not in (*CONV, "linear") or (op == "convolution" and node.args[6]):
             continue  # transposed convolutions stay in float
         if _reads_input(node.args[1]):
             raise PassSkipped(f"layer '{node.name}' ({op}) computes its weight from the model's "
@@ -198,7 +75,7 @@ def insert_fake_quant(torch: Any, gm: Any, *, quantize_output: bool,
             elif source is not node.args[0]:  # same scale as the quantized tensor it moves
                 node.update_arg(0, call(fq_of[source], node.args[0]))
         point = node  # ONNX Runtime folds a ReLU into the quantization after it
-        if len(node.users) == 1 and _op(next(iter(node.users))) in ("relu", "relu_"):
+        if len(node.users) == 1 and aten_op(next(iter(node.users))) in ("relu", "relu_"):
             point = next(iter(node.users))
         if quantize_output or not _only_to_output(point):
             with graph.inserting_after(point):
@@ -207,7 +84,7 @@ def insert_fake_quant(torch: Any, gm: Any, *, quantize_output: bool,
             fq_of[fq] = f"qat_output_{i}"
         layers.append(node.name)
     if not layers:
-        ops = sorted({_op(n) for n in graph.nodes} - {""})
+        ops = sorted({aten_op(n) for n in graph.nodes} - {""})
         raise PassSkipped("no Conv or Linear layer to fake-quantize; the graph has "
                           + (", ".join(ops[:8]) or "no aten operators"))
     graph.lint()
@@ -228,13 +105,13 @@ def _reads_input(node: Any) -> bool:
 
 
 def _same_scale_source(node: Any) -> Any:
-    while _op(node) in _SAME_SCALE and node.args:
+    while aten_op(node) in _SAME_SCALE and node.args:
         node = node.args[0]
     return node
 
 
 def _only_to_output(node: Any) -> bool:
-    return all(u.op == "output" or (_op(u) in _SAME_SCALE and _only_to_output(u))
+    return all(u.op == "output" or (aten_op(u) in _SAME_SCALE and _only_to_output(u))
                for u in node.users)
 
 
@@ -246,14 +123,11 @@ def export_qdq(torch: Any, gm: Any, args: tuple, signature: Signature, out: Path
         if hasattr(module, "disable_observer"):
             module.disable_observer()
     _widen_7bit_weights(torch, gm)
-    for node in gm.graph.nodes:  # jit.trace follows sizes through Tensor methods, not aten ops
-        if node.op == "call_function" and str(node.target) in _TRACEABLE:
-            node.target = _TRACEABLE[str(node.target)]
-    gm.recompile()
+    retarget_sizes(gm)
     axes = {s.name: {i: f"{s.name}_d{i}" for i, d in enumerate(s.shape) if d == -1}
             for s in (*signature.inputs, *signature.outputs)}
     try:
-        with torch.no_grad(), _quiet("torch.onnx"):
+        with torch.no_grad(), quiet("torch.onnx"):
             torch.onnx.export(gm, args, str(out), dynamo=False, opset_version=opset,
                               input_names=[s.name for s in signature.inputs],
                               output_names=[s.name for s in signature.outputs],
@@ -284,7 +158,7 @@ def _widen_7bit_weights(torch: Any, gm: Any) -> None:
         source = node.args[0]
         if getattr(source, "op", None) == "get_attr":
             with torch.no_grad():
-                _set_param(torch, gm, source.target, fq(_get_attr(gm, source.target)))
+                set_param(torch, gm, source.target, fq(get_attr(gm, source.target)))
         fq.quant_min, fq.quant_max = -128, 127
         if hasattr(fq, "activation_post_process"):
             fq.activation_post_process.quant_min = -128

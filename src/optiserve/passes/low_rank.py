@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from optiserve.convert.torch import example_arrays
 from optiserve.core.deps import require
 from optiserve.passes.base import Artifact, Pass, PassContext, PassSkipped
-from optiserve.passes.fake_quant import _CONV, _get_attr, _op, _set_param, graph_module
+from optiserve.passes.fx import CONV, aten_op, get_attr, graph_module, set_param
 from optiserve.passes.training import (LOSSES, Trainer, deadline, loss_plan, model_stats,
                                        outputs, require_torch_model, save_program, stats_meta,
                                        stats_note, stopped_note, training_rows)
@@ -172,9 +172,9 @@ class Layer:
 
 def find_layers(torch: Any, gm: Any, min_size: int) -> tuple[list[Layer], list[str]]:
     """(layers that could be factored, each with its SVD; why each other layer cannot be)."""
-    nodes = [n for n in gm.graph.nodes if _op(n) in (*_CONV, "linear")]
+    nodes = [n for n in gm.graph.nodes if aten_op(n) in (*CONV, "linear")]
     if not nodes:
-        ops = sorted({_op(n) for n in gm.graph.nodes} - {""})
+        ops = sorted({aten_op(n) for n in gm.graph.nodes} - {""})
         raise PassSkipped("no Conv or Linear layer to factor; the graph has "
                           + (", ".join(ops[:8]) or "no aten operators"))
     shared = Counter(n.args[1].target for n in nodes if getattr(n.args[1], "op", "") == "get_attr")
@@ -184,7 +184,7 @@ def find_layers(torch: Any, gm: Any, min_size: int) -> tuple[list[Layer], list[s
         if getattr(weight, "op", None) != "get_attr":
             left.append(f"{node.name}: its weight is computed in the graph, not stored")
             continue
-        w = _get_attr(gm, weight.target).detach()
+        w = get_attr(gm, weight.target).detach()
         why = _cannot_factor(node, w, shared[weight.target], min_size)
         if why:
             left.append(f"{label(node, weight.target, tuple(w.shape))}: {why}")
@@ -201,12 +201,12 @@ def label(node: Any, weight: str, shape: tuple[int, ...]) -> str:
 
 
 def _cannot_factor(node: Any, weight: Any, readers: int, min_size: int) -> str:
-    op = _op(node)
+    op = aten_op(node)
     if readers > 1:
         return "its weight is shared with another layer"
     if op == "convolution" and node.args[6]:
         return "transposed convolution"
-    if op in _CONV and _groups(node) != 1:
+    if op in CONV and _groups(node) != 1:
         return f"grouped or depthwise convolution (groups={_groups(node)}): not one matrix"
     if weight.numel() < min_size:
         return f"{weight.numel():,} weights, under min_size={min_size:,}"
@@ -216,7 +216,7 @@ def _cannot_factor(node: Any, weight: Any, readers: int, min_size: int) -> str:
 
 
 def _groups(node: Any) -> int:
-    at = 8 if _op(node) == "convolution" else 6
+    at = 8 if aten_op(node) == "convolution" else 6
     return int(node.args[at] if len(node.args) > at else node.kwargs.get("groups", 1))
 
 
@@ -304,13 +304,13 @@ def factor(torch: Any, gm: Any, layer: Layer, index: int) -> None:
     spatial = len(layer.shape) - 2
     up = (layer.u[:, :r] * root).float().contiguous().reshape(layer.out, r, *[1] * spatial)
     names = _free_name(gm, f"low_rank_{index}_down"), _free_name(gm, f"low_rank_{index}_up")
-    _set_param(torch, gm, names[0], down)
-    _set_param(torch, gm, names[1], up)
+    set_param(torch, gm, names[0], down)
+    set_param(torch, gm, names[1], up)
     x, bias, rest = node.args[0], node.args[2] if len(node.args) > 2 else None, node.args[3:]
     with graph.inserting_before(node):
         v, u = graph.get_attr(names[0]), graph.get_attr(names[1])
         inner = graph.call_function(node.target, (x, v, None, *rest), dict(node.kwargs))
-    if _op(node) == "linear":
+    if aten_op(node) == "linear":
         node.args = (inner, u, bias)
         return
     node.target = torch.ops.aten.convolution.default

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from optiserve.core.deps import require
 from optiserve.passes.base import Artifact, Pass, PassContext, PassSkipped
-from optiserve.passes.fake_quant import _CONV, _get_attr, _op, graph_module
+from optiserve.passes.fx import CONV, aten_op, get_attr, graph_module
 from optiserve.passes.training import (LOSSES, Trainer, deadline, loss_plan, model_stats,
                                        outputs, require_torch_model, save_program, stats_meta,
                                        stats_note, stopped_note, training_rows)
@@ -248,10 +248,10 @@ class Layer:
 def prunable_layers(torch: Any, gm: Any, skip_last: bool) -> tuple[list[Layer], list[str]]:
     """(the layers to prune, every Conv/Linear layer's name in graph order). Weights computed
     from the input, or shared with the skipped last layer, are left alone."""
-    nodes = [n for n in gm.graph.nodes if _op(n) in (*_CONV, "linear")
+    nodes = [n for n in gm.graph.nodes if aten_op(n) in (*CONV, "linear")
              and getattr(n.args[1], "op", None) == "get_attr"]
     if not nodes:
-        ops = sorted({_op(n) for n in gm.graph.nodes} - {""})
+        ops = sorted({aten_op(n) for n in gm.graph.nodes} - {""})
         raise PassSkipped("no Conv or Linear layer with a stored weight to prune; the graph "
                           "has " + (", ".join(ops[:8]) or "no aten operators"))
     targets = list(dict.fromkeys(n.args[1].target for n in nodes))
@@ -262,7 +262,7 @@ def prunable_layers(torch: Any, gm: Any, skip_last: bool) -> tuple[list[Layer], 
                           "skip_last_layer leaves dense; set skip_last_layer false to prune it")
     layers = []
     for target in pruned:
-        weight = _get_attr(gm, target)
+        weight = get_attr(gm, target)
         layers.append(Layer(_layer_name(target), weight,
                             torch.ones_like(weight, dtype=torch.bool)))
     return layers, [_layer_name(t) for t in targets]
@@ -336,13 +336,13 @@ def _reinitialize(torch: Any, gm: Any, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for node in gm.graph.nodes:
-            if _op(node) not in (*_CONV, "linear"):
+            if aten_op(node) not in (*CONV, "linear"):
                 continue
             weight = node.args[1]
-            fan_in = int(np.prod(_get_attr(gm, weight.target).shape[1:])) or 1
+            fan_in = int(np.prod(get_attr(gm, weight.target).shape[1:])) or 1
             for arg in node.args[1:3]:
                 if getattr(arg, "op", None) == "get_attr":
-                    t = _get_attr(gm, arg.target)
+                    t = get_attr(gm, arg.target)
                     t.copy_((torch.rand(t.shape, generator=gen) * 2 - 1) / np.sqrt(fan_in))
 
 
@@ -422,7 +422,7 @@ def _finish(artifact: Artifact, name: str, config: BaseModel, job: SimpleNamespa
     zeros = {layer.name: int((layer.weight == 0).sum()) for layer in job.layers}
     sizes = {layer.name: layer.weight.numel() for layer in job.layers}
     pruned = sum(zeros.values()) / max(1, sum(sizes.values()))
-    all_weights = [_get_attr(job.gm, t) for t in _weight_targets(job.gm)]
+    all_weights = [get_attr(job.gm, t) for t in _weight_targets(job.gm)]
     overall = (sum(int((w == 0).sum()) for w in all_weights)
                / max(1, sum(w.numel() for w in all_weights)))
     per_layer = [f"{n}: {zeros[n] / sizes[n]:.0%}" if n in zeros else f"{n}: dense"
@@ -442,5 +442,5 @@ def _finish(artifact: Artifact, name: str, config: BaseModel, job: SimpleNamespa
 
 def _weight_targets(gm: Any) -> list[str]:
     return list(dict.fromkeys(n.args[1].target for n in gm.graph.nodes
-                              if _op(n) in (*_CONV, "linear")
+                              if aten_op(n) in (*CONV, "linear")
                               and getattr(n.args[1], "op", None) == "get_attr"))

@@ -1,9 +1,9 @@
 """Quantization-aware training: fake-quant fine-tuning in PyTorch, exported as an ONNX QDQ model.
 
-The graph work (FX rewrite, BatchNorm folding, QDQ export with int8 weights) is in fake_quant.py;
-this pass picks the loss, checks the training rows against the signature and trains: Adam on
-the fake-quantized graph, observers frozen part-way so the last steps train against fixed
-scales, stopped at max_seconds. The note reports the loss before (plain post-training
+The graph work (fake-quant rewrite, QDQ export with int8 weights) is in fake_quant.py; this
+pass picks the loss, checks the training rows against the signature and trains: Adam on the
+fake-quantized graph, observers frozen part-way so the last steps train against fixed scales,
+stopped at max_seconds. The note reports the loss before (plain post-training
 quantization from the same ranges) and after the fine-tuning.
 """
 
@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from optiserve.convert.onnx_io import check, signature_of
 from optiserve.core.deps import require
 from optiserve.passes.base import Artifact, Pass, PassContext
-from optiserve.passes.fake_quant import export_qdq, graph_module, insert_fake_quant, \
-    quantized_layers
+from optiserve.passes.fake_quant import export_qdq, insert_fake_quant, quantized_layers
+from optiserve.passes.fx import graph_module
 from optiserve.passes.training import (LOSSES, Trainer, deadline, loss_plan, outputs,
                                        require_torch_model, stopped_note, training_rows)
 

@@ -1,7 +1,7 @@
 """Structured pruning: whole output channels of Conv layers and neurons of Linear layers are
 removed, so the tensors really shrink (unstructured zeros only shrink a file).
 
-The model is read as an FX graph (fake_quant.graph_module), the form every registered PyTorch
+The model is read as an FX graph (fx.graph_module), the form every registered PyTorch
 model (a TorchScript or torch.export file) reaches; Torch-Pruning would need the nn.Module
 layers, which the registry no longer has. passes/channels.py finds the channels that must go
 together; an operator it cannot follow skips the pass, naming the layer and the operator, and
@@ -30,9 +30,9 @@ from optiserve.core.deps import require
 from optiserve.core.errors import ConfigError, first_line
 from optiserve.passes.base import Artifact, Pass, PassContext, PassSkipped
 from optiserve.passes.channels import (Group, blocked_error, channel_groups, drop_unused,
-                                       importance, kept_count, layer_label, layer_names,
+                                       kept_count, layer_label, layer_names,
                                        left_alone, prunable, shrink)
-from optiserve.passes.fake_quant import _quiet, graph_module
+from optiserve.passes.fx import graph_module, quiet
 from optiserve.passes.training import (LOSSES, Trainer, deadline, loss_plan, model_stats,
                                        outputs, require_torch_model, save_program, stats_meta,
                                        stats_note, stopped_note, training_rows)
@@ -243,7 +243,7 @@ class _Timer:
         path = self.ctx.workdir / f"timing-{name}.onnx"
         args = tuple(torch.from_numpy(self.rows[s.name]) for s in sig.inputs)
         try:
-            with torch.no_grad(), _quiet("torch.onnx"):
+            with torch.no_grad(), quiet("torch.onnx"):
                 torch.onnx.export(gm, args, str(path), dynamo=False,
                                   opset_version=self.ctx.settings.onnx_opset_version,
                                   input_names=[s.name for s in sig.inputs],

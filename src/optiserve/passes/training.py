@@ -2,7 +2,7 @@
 
 Training-time passes (qat, pruning, lottery_ticket, distillation, low_rank) work on the PyTorch
 original, the source of truth for changes a graph converter cannot make. They read it as an FX
-GraphModule (fake_quant.graph_module: BatchNorm folded, Conv/Linear weights trainable), train
+GraphModule (fx.graph_module: BatchNorm folded, Conv/Linear weights trainable), train
 it on `ctx.training` with:
 
 - **rows** checked against the signature (`training_rows`): a mismatch skips the pass with the
@@ -250,19 +250,19 @@ def model_stats(torch: Any, gm: Any, args: tuple) -> dict[str, int]:
     layers of an FX GraphModule, from shapes propagated on `args`."""
     from torch.fx.passes.shape_prop import ShapeProp
 
-    from optiserve.passes.fake_quant import _CONV, _get_attr, _op
+    from optiserve.passes.fx import CONV, aten_op, get_attr
 
     with torch.no_grad():
         ShapeProp(gm).propagate(*args)
-    used = [_get_attr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr" and n.users]
+    used = [get_attr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr" and n.users]
     tensors = [t for t in used if isinstance(t, torch.Tensor) and t.is_floating_point()]
     params = sum(int(t.numel()) for t in tensors)
     nonzero = sum(int((t != 0).sum()) for t in tensors)
     macs = 0
     rows = max(1, int(args[0].shape[0]))
     for node in gm.graph.nodes:
-        kind = _op(node)
-        if kind not in (*_CONV, "linear"):
+        kind = aten_op(node)
+        if kind not in (*CONV, "linear"):
             continue
         meta = node.meta.get("tensor_meta")
         weight = node.args[1]

@@ -19,9 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from optiserve.core.errors import ConfigError, OptiserveError
+from optiserve.core.errors import ConfigError, ModelNotFound, OptiserveError
 from optiserve.core.types import Signature, TensorSpec
-from optiserve.registry.tables import DeploymentRow, ModelRow, utcnow
+from optiserve.registry.tables import DeploymentRow, ModelRow, check_model_name, utcnow
 
 
 class DeploymentNotFound(OptiserveError):
@@ -299,9 +299,6 @@ class Deployments:
 
     def put(self, name: str, spec: DeploymentSpec) -> Deployment:
         """Create or replace a deployment; its model must exist."""
-        from optiserve.core.errors import ModelNotFound
-        from optiserve.registry.registry import check_model_name
-
         check_model_name(name)
         with self._session.begin() as s:
             model = s.scalar(select(ModelRow).where(ModelRow.name == spec.model)

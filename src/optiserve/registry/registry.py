@@ -8,7 +8,6 @@ written in one transaction; if the transaction fails, a file no other row uses i
 from __future__ import annotations
 
 import random
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,9 +26,8 @@ from optiserve.registry.deployments import Deployments
 from optiserve.registry.store import ArtifactStore
 from optiserve.registry.keys import Keys
 from optiserve.registry.runs import Runs
-from optiserve.registry.tables import ArtifactRow, ModelRow, VersionRow
+from optiserve.registry.tables import ArtifactRow, ModelRow, VersionRow, check_model_name
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _MIGRATIONS = Path(__file__).parent / "migrations"
 _MIGRATE_LOCK = threading.Lock()  # alembic's context is process-global
 
@@ -73,16 +71,6 @@ class ModelInfo:
     def latest(self) -> VersionInfo | None:
         ready = [v for v in self.versions if v.status == "ready"]
         return ready[-1] if ready else None
-
-
-def check_model_name(name: str) -> str:
-    if not _NAME.match(name or ""):
-        raise ConfigError(
-            f"Model name {name!r} is not allowed.",
-            hint="Use letters, digits, '_', '.' and '-' (at most 128, starting with a letter "
-            "or digit).",
-        )
-    return name
 
 
 class Registry:

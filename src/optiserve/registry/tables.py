@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 
 from sqlalchemy import (JSON, BigInteger, Boolean, Float, ForeignKey, Integer, String,
@@ -9,6 +10,21 @@ from sqlalchemy import (JSON, BigInteger, Boolean, Float, ForeignKey, Integer, S
 from sqlalchemy.types import DateTime as _DateTime
 from sqlalchemy.types import TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from optiserve.core.errors import ConfigError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_model_name(name: str) -> str:
+    """The one rule for model and deployment names (rows are looked up by them)."""
+    if not _NAME.match(name or ""):
+        raise ConfigError(
+            f"Model name {name!r} is not allowed.",
+            hint="Use letters, digits, '_', '.' and '-' (at most 128, starting with a letter "
+            "or digit).",
+        )
+    return name
 
 
 def utcnow() -> datetime:

@@ -1,146 +1,104 @@
-"""The data plane: which model versions this server has loaded, and running requests on them.
+"""The data plane: which model versions this server has loaded, and the one entry point every
+face calls to run a request on them.
 
-A deployment (registry/deployments.py) names a model, a version policy and how to serve it.
-`load()` resolves the policy to version numbers, loads each new version off the event loop
-(its instances, each a runtime with its share of the cores), warms it up with inputs built
-from the signature, and only then swaps it in; versions the policy dropped are drained and
-unloaded. A failed load leaves whatever was serving before untouched and records why.
-The protocol faces (http/v2.py, grpc/, the predict route) only call `get()` and `infer()`.
+Inference: `infer(InferRequest) -> InferResponse`. It picks the version that answers
+(`route`: the one named, else the newest loaded), has the face decode the body for that
+version, checks the inputs, applies the split policy, queues the rows on the version's
+batcher, and counts the request under its model, version and protocol whatever its outcome
+(an unknown model under `_unknown`). The faces (http/v2.py, grpc/server.py, http/predict.py,
+and the in-process client) only decode a request and encode the answer, so a new face serves
+a model by calling `infer` alone. `metadata()`, `config()`, `stats()`, `ready()` and `index()`
+answer the protocol's other questions, the same way for every face.
+
+Loading: a deployment (registry/deployments.py) names a model, a version policy and how to
+serve it. `load()` resolves the policy to version numbers, loads each new version off the
+event loop (served.py: its instances, each a runtime with its share of the cores), warms it up
+with inputs built from the signature, and only then swaps it in; versions the policy dropped
+are drained and unloaded. A failed load leaves whatever was serving before untouched and
+records why.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
+import optiserve
 from optiserve.core.errors import ConfigError, ModelNotFound, OptiserveError, first_line
-from optiserve.core.types import Signature, TensorSpec
 from optiserve.registry.deployments import (Deployment, DeploymentNotFound, DeploymentSpec,
                                             parse_spec)
-from optiserve.registry.registry import Registry, VersionInfo, check_model_name
+from optiserve.registry.registry import Registry, VersionInfo
+from optiserve.registry.tables import check_model_name
 from optiserve.runtimes.base import Runtime, load_runtime
-from optiserve.server.batching import Batcher
-from optiserve.server.metrics import Metrics, VersionStats
-from optiserve.server.tensors import TensorError, check_input, datatype, platform
+from optiserve.server.batching import ModelUnavailable
+from optiserve.server.errors import http_status
+from optiserve.server.metrics import UNKNOWN, Metrics, outcome
+from optiserve.server.served import LoadFailed, ServedVersion, warmup_inputs
 
 log = logging.getLogger("optiserve.server")
-_WARMUP_SEQ = 8  # size given to dynamic dimensions other than the batch while warming up
+
+# The Open Inference Protocol extensions every face serves.
+EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]
+CANCELLED = 499  # counted like nginx's "client closed request": the client gave up
+
+Inputs = dict[str, tuple[np.ndarray, str]]  # input name -> (array, V2 datatype)
 
 
-class LoadFailed(OptiserveError):
-    """A deployment could not be loaded; what served before still serves. It answers as its
-    `cause` does (an unknown model stays a 404 / NOT_FOUND)."""
+@dataclass
+class Payload:
+    """What a face read from a request's body."""
 
-    def __init__(self, name: str, cause: OptiserveError, serving: bool):
-        super().__init__(f"Deployment '{name}' did not load: {cause}",
-                         hint="What served before still serves." if serving else None)
-        self.name, self.cause = name, cause
+    inputs: Inputs
+    outputs: list[str] | None = None  # the outputs asked for; None: every output
+    timeout_s: float | None = None  # how long it may queue; None: the deployment's, 0: no limit
+    id: str | None = None  # the request's id, echoed in the answer
 
 
-class ServedVersion:
-    """One loaded model version: its instances behind a batcher, and its counters."""
+@dataclass
+class InferRequest:
+    """One inference request, as every face hands it to `DataPlane.infer`.
 
-    def __init__(self, name: str, info: VersionInfo, spec: DeploymentSpec,
-                 runtimes: list[Runtime], max_batch_size: int, metrics: Metrics):
-        self.name, self.info, self.spec = name, info, spec
-        self.version = str(info.version)
-        self.signature: Signature = info.signature
-        self.inputs = {t.name: t for t in info.signature.inputs}
-        self.outputs = {t.name: t for t in info.signature.outputs}
-        self.runtimes = runtimes
-        self.max_batch_size = max_batch_size
-        self.stats = VersionStats(metrics, name, self.version)
-        self.batcher = Batcher(
-            name, [r.predict for r in runtimes], max_batch_size=max_batch_size,
-            max_queue_delay_us=spec.max_queue_delay_us,
-            preferred_batch_sizes=spec.preferred_batch_sizes,
-            max_queue_size=spec.max_queue_size,
-            timeout_s=spec.timeout_ms / 1000 or None,
-            on_batch=lambda b: self.stats.batch(b.rows, b.requests, b.queue_s, b.compute_s))
-        metrics.queue_depth.labels(name, self.version).set_function(self.batcher.depth)
+    `payload` is the decoded body, or a function that decodes it for the version chosen to
+    answer (the friendly face binds records to that version's inputs); a decoding mistake
+    is counted under that version like any other refusal."""
 
-    def check(self, inputs: dict[str, tuple[np.ndarray, str]],
-              outputs: list[str] | None) -> dict[str, np.ndarray]:
-        """Inputs (array, V2 datatype) fit the model; the arrays, in the model's order."""
-        unknown = [n for n in inputs if n not in self.inputs]
-        if unknown:
-            raise TensorError(f"Model '{self.name}' has no input '{unknown[0]}'.",
-                              hint=f"Its inputs: {', '.join(self.inputs)}.")
-        missing = [n for n in self.inputs if n not in inputs]
-        if missing:
-            raise TensorError(f"Input '{missing[0]}' of model '{self.name}' is missing.",
-                              hint=f"Its inputs: {', '.join(self.inputs)}.")
-        for name in outputs or ():
-            if name not in self.outputs:
-                raise TensorError(f"Model '{self.name}' has no output '{name}'.",
-                                  hint=f"Its outputs: {', '.join(self.outputs)}.")
-        arrays = {}
-        rows = None
-        for name, spec in self.inputs.items():
-            array, given = inputs[name]
-            check_input(spec, array, given, allow_nan=self.spec.allow_nan)
-            if spec.dtype == "str":
-                array = _text(name, array)
-            if self.max_batch_size and array.ndim:
-                if rows is not None and array.shape[0] != rows:
-                    raise TensorError(f"Input '{name}' has {array.shape[0]} rows but the "
-                                      f"other inputs have {rows}; every input carries the "
-                                      "same batch.")
-                rows = array.shape[0]
-            arrays[name] = array
-        return arrays
+    model: str
+    payload: Payload | Callable[[ServedVersion], Payload | Awaitable[Payload]]
+    version: str | None = None  # None: the deployment's choice
+    protocol: str = "rest"  # the requests counter's label: rest, grpc, predict, python
+    deadline_s: float | None = None  # the client's own time left (gRPC's deadline)
+    split: bool = False  # more rows than the version batches: split (True) or refuse
+    received: float = field(default_factory=time.perf_counter)  # when the face got it
 
-    async def infer(self, inputs: dict[str, np.ndarray], outputs: list[str] | None,
-                    timeout_s: float | None = None) -> dict[str, np.ndarray]:
-        return await self.batcher.submit(inputs, outputs, timeout_s)
 
-    def config(self) -> dict:
-        """The model configuration extension (`GET /v2/models/{m}/config`), Triton's shape."""
-        def tensors(specs: tuple[TensorSpec, ...]) -> list[dict]:
-            return [{"name": t.name, "data_type": "TYPE_" + _triton_type(t.dtype),
-                     "dims": list(t.shape[1:] if self.max_batch_size else t.shape)}
-                    for t in specs]
+@dataclass
+class InferResponse:
+    """The outputs of one request and the version that computed them."""
 
-        s = self.spec
-        config = {"name": self.name, "platform": platform(self.info.format),
-                  "backend": self.runtimes[0].name, "max_batch_size": self.max_batch_size,
-                  "input": tensors(self.signature.inputs),
-                  "output": tensors(self.signature.outputs),
-                  "instance_group": [{"count": s.instances, "kind": "KIND_CPU"}],
-                  "version_policy": ({"latest": {"num_versions": s.versions.latest}}
-                                     if s.versions.specific is None
-                                     else {"specific": {"versions": s.versions.specific}}),
-                  "parameters": {"threads_per_instance": {
-                      "string_value": str(self.runtimes[0].threads)}}}
-        if self.max_batch_size:
-            config["dynamic_batching"] = {
-                "max_queue_delay_microseconds": s.max_queue_delay_us,
-                "preferred_batch_size": s.preferred_batch_sizes,
-                "default_queue_policy": {"max_queue_size": s.max_queue_size,
-                                         "default_timeout_microseconds": s.timeout_ms * 1000}}
-        return config
+    served: ServedVersion
+    outputs: dict[str, np.ndarray]
+    inputs: dict[str, np.ndarray]  # the checked inputs, in the model's order
+    id: str | None = None
 
-    def metadata(self) -> dict:
-        """Model metadata (`GET /v2/models/{m}[/versions/{v}]`)."""
+    @property
+    def model(self) -> str:
+        return self.served.name
 
-        def tensors(specs: tuple[TensorSpec, ...]) -> list[dict]:
-            return [{"name": t.name, "datatype": datatype(t.dtype), "shape": list(t.shape)}
-                    for t in specs]
+    @property
+    def version(self) -> str:
+        return self.served.version
 
-        return {"name": self.name, "versions": [self.version],
-                "platform": platform(self.info.format),
-                "inputs": tensors(self.signature.inputs),
-                "outputs": tensors(self.signature.outputs)}
-
-    def close(self, drain: bool = True) -> None:
-        self.batcher.close(drain=drain)
-        for r in self.runtimes:
-            r.unload()
+    @property
+    def rows(self) -> int | None:
+        first = next(iter(self.inputs.values()), None)
+        return first.shape[0] if first is not None and first.ndim else None
 
 
 @dataclass
@@ -164,13 +122,102 @@ class DataPlane:
         self._stored: set[str] = set()  # deployment names in the registry, for _how_to_serve
         self._stored_at = float("-inf")
 
-    # -- lookups (the hot path) ---------------------------------------------------------------
+    # -- inference (the hot path) --------------------------------------------------------------
+    async def infer(self, request: InferRequest) -> InferResponse:
+        """Run one request on the version that answers it; counted whatever its outcome."""
+        served, status = None, 500
+        try:
+            served = self.route(request.model, request.version)
+            payload = request.payload
+            if callable(payload):
+                payload = payload(served)
+                if inspect.isawaitable(payload):
+                    payload = await payload
+            arrays = served.check(payload.inputs, payload.outputs)
+            timeout = _queue_limit(payload.timeout_s, served, request.deadline_s)
+            outputs = await self._submit(served, arrays, payload.outputs, timeout, request.split)
+            status = 200
+            return InferResponse(served, outputs, arrays, payload.id)
+        except OptiserveError as exc:
+            status = http_status(exc)
+            raise
+        except asyncio.CancelledError:
+            status = CANCELLED
+            raise
+        finally:
+            self.count(served, request.protocol, status, time.perf_counter() - request.received)
+
+    def route(self, name: str, version: str | None = None) -> ServedVersion:
+        """The version that answers a request for `name` (and `version`, if one is named)."""
+        return self.get(name, version)
+
+    @staticmethod
+    async def _submit(served: ServedVersion, arrays: dict[str, np.ndarray],
+                      outputs: list[str] | None, timeout_s: float | None, split: bool
+                      ) -> dict[str, np.ndarray]:
+        """The split policy: a request with more rows than the version batches is refused
+        (the protocol's contract, which Triton's clients expect) unless the face asked to
+        split it; then its parts, max_batch_size rows each, queue in parallel."""
+        size = served.max_batch_size
+        first = next(iter(arrays.values()), None)
+        rows = first.shape[0] if first is not None and first.ndim else None
+        if not (split and size and rows is not None and rows > size):
+            return await served.batcher.submit(arrays, outputs, timeout_s)
+        parts = await asyncio.gather(
+            *(served.batcher.submit({n: a[i:i + size] for n, a in arrays.items()}, outputs,
+                                    timeout_s)
+              for i in range(0, rows, size)), return_exceptions=True)
+        failed = next((p for p in parts if isinstance(p, BaseException)), None)
+        if failed is not None:
+            raise failed
+        return {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
+
+    def count(self, served: ServedVersion | None, protocol: str, status: int,
+              total_s: float = 0.0) -> None:
+        """One finished request: under its version, or `_unknown` when none answered (an
+        unknown model, or a request refused before its model was looked up)."""
+        if served is not None:
+            served.stats.request(protocol, status, total_s)
+        else:
+            self.metrics.requests.labels(UNKNOWN, "", protocol, outcome(status)).inc()
+
+    def refused(self, protocol: str, error: BaseException) -> None:
+        """Count an inference request a face refused before handing it over (its key)."""
+        self.count(None, protocol, http_status(error))
+
+    # -- the protocol's other questions ----------------------------------------------------------
+    def metadata(self, name: str, version: str | None = None) -> dict:
+        """Model metadata; without a version it lists every loaded version."""
+        meta = self.get(name, version).metadata()
+        if not version:
+            meta["versions"] = sorted(self._served[name], key=int)
+        return meta
+
+    def config(self, name: str, version: str | None = None) -> dict:
+        return self.get(name, version).config()
+
+    def stats(self, name: str | None = None, version: str | None = None) -> list[dict]:
+        """The statistics extension's entries: every served version (no name), one model's
+        versions, or one version."""
+        if not name:
+            return [s.stats.as_json() for versions in self._served.values()
+                    for s in versions.values()]
+        if version:
+            return [self.get(name, version).stats.as_json()]
+        self.get(name)
+        return [s.stats.as_json() for s in self._served[name].values()]
+
+    @staticmethod
+    def server_metadata() -> dict:
+        return {"name": "optiserve", "version": optiserve.__version__,
+                "extensions": EXTENSIONS}
+
+    # -- lookups ----------------------------------------------------------------------------------
     def get(self, name: str, version: str | None = None) -> ServedVersion:
         versions = self._served.get(name)
         if not versions:
             state = self._states.get(name)
             if state is not None and state.state != "READY":
-                from optiserve.server.batching import ModelUnavailable
                 raise ModelUnavailable(f"Model '{name}' is {state.state.lower()}"
                                        + (f": {state.reason}" if state.reason else "."),
                                        hint="Check GET /v2/repository/index; load it with "
@@ -412,34 +459,13 @@ class DataPlane:
         return served
 
 
-def warmup_inputs(signature: Signature, rows: int) -> dict[str, np.ndarray]:
-    """Zeros of every input's dtype and shape: `rows` for the batch dimension, a short
-    sequence for the other dynamic ones."""
-    out = {}
-    for t in signature.inputs:
-        shape = [rows if i == 0 and d == -1 else (_WARMUP_SEQ if d == -1 else d)
-                 for i, d in enumerate(t.shape)]
-        if t.dtype in ("str", "object"):
-            out[t.name] = np.full(shape, "", dtype=object)
-        else:
-            out[t.name] = np.zeros(shape, dtype=np.dtype(t.dtype))
-    return out
-
-
-def _text(name: str, array: np.ndarray) -> np.ndarray:
-    """BYTES elements as str for a text input: runtimes (ONNX Runtime's string tensors,
-    scikit-learn) take str, and ONNX Runtime would turn b'abc' into the text "b'abc'"."""
-    out = np.empty(array.shape, dtype=object)
-    flat = out.reshape(-1)
-    for i, x in enumerate(array.reshape(-1)):
-        try:
-            flat[i] = x.decode() if isinstance(x, bytes) else x
-        except UnicodeDecodeError:
-            raise TensorError(f"Input '{name}' is text, but its element {i} is not UTF-8.",
-                              hint="Send text inputs as UTF-8 strings.") from None
-    return out
-
-
-def _triton_type(dtype: str) -> str:
-    name = datatype(dtype)
-    return {"BYTES": "STRING"}.get(name, name)
+def _queue_limit(asked_s: float | None, served: ServedVersion, deadline_s: float | None
+                 ) -> float | None:
+    """How long a request may wait in the queue: what it asked (0: no limit), else its
+    deployment's timeout, and never past the client's own deadline, so a request its client
+    gave up on is not run."""
+    limit = served.batcher.timeout_s if asked_s is None else asked_s
+    if deadline_s is not None:
+        deadline_s = max(deadline_s, 1e-6)  # 0 would mean "no limit" to the batcher
+        limit = min(limit, deadline_s) if limit else deadline_s
+    return limit

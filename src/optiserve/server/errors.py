@@ -21,7 +21,7 @@ from optiserve.core.errors import (ArtifactNotFound, AuthError, ConflictError, G
 from optiserve.exporters.base import ExportError
 from optiserve.registry.deployments import DeploymentNotFound
 from optiserve.server.batching import ModelFailed, ModelUnavailable, QueueFull, RequestTimeout
-from optiserve.server.dataplane import LoadFailed
+from optiserve.server.served import LoadFailed
 
 Headers = Callable[[BaseException], dict[str, str]]
 

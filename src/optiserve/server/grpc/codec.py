@@ -15,7 +15,6 @@ import math
 import numpy as np
 from google.protobuf import json_format
 
-import optiserve
 from optiserve.core.errors import ConfigError
 from optiserve.server.grpc import inference_pb2 as pb
 from optiserve.server.tensors import (DTYPES, MAX_ELEMENTS, TensorError, datatype, from_binary,
@@ -130,25 +129,18 @@ def requested_outputs(request: pb.ModelInferRequest) -> list[str]:
     return names
 
 
-def timeout_s(request: pb.ModelInferRequest, default_s: float | None,
-              remaining_s: float | None) -> float | None:
-    """How long the request may wait in the queue: its "timeout" parameter (microseconds; 0
-    = no limit) or else the deployment's, and never past the client's own deadline, so a
-    request its client gave up on is not run."""
-    limit = default_s
-    if "timeout" in request.parameters:
-        param = request.parameters["timeout"]
-        kind = param.WhichOneof("parameter_choice")
-        if kind not in ("int64_param", "uint64_param") or getattr(param, kind) < 0:
-            shown = getattr(param, kind) if kind else None
-            raise TensorError(f"Parameter 'timeout' is {shown!r} ({kind or 'unset'}); it is a "
-                              "non-negative int64 number of microseconds.")
-        us = getattr(param, kind)
-        limit = us / 1e6 if us else None
-    if remaining_s is not None:
-        remaining_s = max(remaining_s, 1e-6)  # 0 would mean "no limit" to the batcher
-        limit = remaining_s if limit is None else min(limit, remaining_s)
-    return limit
+def timeout_s(request: pb.ModelInferRequest) -> float | None:
+    """The "timeout" parameter: how long the request may wait in the queue (microseconds;
+    0 = no limit); None when it is not given."""
+    if "timeout" not in request.parameters:
+        return None
+    param = request.parameters["timeout"]
+    kind = param.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param") or getattr(param, kind) < 0:
+        shown = getattr(param, kind) if kind else None
+        raise TensorError(f"Parameter 'timeout' is {shown!r} ({kind or 'unset'}); it is a "
+                          "non-negative int64 number of microseconds.")
+    return getattr(param, kind) / 1e6
 
 
 # -- inference responses ----------------------------------------------------------------------
@@ -166,13 +158,13 @@ def infer_response(name: str, version: str, request_id: str,
 
 
 # -- metadata, configuration, statistics, repository ------------------------------------------
-def server_metadata(extensions: list[str]) -> pb.ServerMetadataResponse:
-    return pb.ServerMetadataResponse(name="optiserve", version=optiserve.__version__,
-                                     extensions=extensions)
+def server_metadata(meta: dict) -> pb.ServerMetadataResponse:
+    return pb.ServerMetadataResponse(name=meta["name"], version=meta["version"],
+                                     extensions=meta["extensions"])
 
 
 def model_metadata(meta: dict) -> pb.ModelMetadataResponse:
-    """`ServedVersion.metadata()` as its message."""
+    """`DataPlane.metadata()` as its message."""
     tensor = pb.ModelMetadataResponse.TensorMetadata
     return pb.ModelMetadataResponse(
         name=meta["name"], versions=meta["versions"], platform=meta["platform"],
@@ -183,7 +175,7 @@ def model_metadata(meta: dict) -> pb.ModelMetadataResponse:
 
 
 def model_config(config: dict) -> pb.ModelConfigResponse:
-    """`ServedVersion.config()` (Triton's JSON form) as its message. Fields the proto subset
+    """`DataPlane.config()` (Triton's JSON form) as its message. Fields the proto subset
     lacks are skipped, so the data plane can grow its config without breaking gRPC."""
     message = json_format.ParseDict(config, pb.ModelConfig(), ignore_unknown_fields=True)
     return pb.ModelConfigResponse(config=message)

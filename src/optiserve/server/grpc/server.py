@@ -9,27 +9,24 @@ REST and gRPC requests together.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
-import time
 from collections.abc import Awaitable, Callable
 
 import grpc
 
 from optiserve.core.errors import ConfigError, OptiserveError, first_line
 from optiserve.server.auth import token_of
-from optiserve.server.errors import error_headers, face, http_status
+from optiserve.server.dataplane import InferRequest, Payload
+from optiserve.server.errors import error_headers, face
 from optiserve.server.grpc import codec
 from optiserve.server.grpc import inference_pb2 as pb
 from optiserve.server.grpc.inference_pb2_grpc import (GRPCInferenceServiceServicer,
                                                       add_GRPCInferenceServiceServicer_to_server)
-from optiserve.server.metrics import UNKNOWN, outcome
 
 log = logging.getLogger("optiserve.server")
 
 _MAX_MESSAGE = 2**31 - 1  # gRPC takes message limits as a C int
-_CANCELLED = 499  # counted like nginx's "client closed request": the client gave up
 
 
 def _answers_errors(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
@@ -56,8 +53,8 @@ class InferenceServicer(GRPCInferenceServiceServicer):
     """GRPCInferenceService over a DataPlane. Health and server metadata need no key; the
     rest need the scopes the REST face asks for the same thing."""
 
-    def __init__(self, plane, keys, settings, extensions: list[str]):
-        self.plane, self.keys, self.extensions = plane, keys, extensions
+    def __init__(self, plane, keys, settings):
+        self.plane, self.keys = plane, keys
         self.auth = settings.auth == "on"
 
     # -- health and metadata --------------------------------------------------------------------
@@ -71,7 +68,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
 
     @_answers_errors
     async def ServerMetadata(self, request, context):
-        return codec.server_metadata(self.extensions)
+        return codec.server_metadata(self.plane.server_metadata())
 
     @_answers_errors
     async def ModelReady(self, request, context):
@@ -89,30 +86,17 @@ class InferenceServicer(GRPCInferenceServiceServicer):
     @_answers_errors
     async def ModelMetadata(self, request, context):
         self._auth(context, "read", "infer")
-        meta = self.plane.get(request.name, request.version or None).metadata()
-        if not request.version:
-            meta["versions"] = sorted(self.plane.served()[request.name], key=int)
-        return codec.model_metadata(meta)
+        return codec.model_metadata(self.plane.metadata(request.name, request.version or None))
 
     @_answers_errors
     async def ModelConfig(self, request, context):
         self._auth(context, "read", "infer")
-        return codec.model_config(self.plane.get(request.name, request.version or None).config())
+        return codec.model_config(self.plane.config(request.name, request.version or None))
 
     @_answers_errors
     async def ModelStatistics(self, request, context):
         self._auth(context, "read", "infer")
-        return codec.model_statistics(self._stats(request.name, request.version))
-
-    def _stats(self, name: str, version: str) -> list[dict]:
-        """Every served version (no name), one model's versions, or one version."""
-        if not name:
-            return [s.stats.as_json() for versions in self.plane.served().values()
-                    for s in versions.values()]
-        if version:
-            return [self.plane.get(name, version).stats.as_json()]
-        self.plane.get(name)
-        return [s.stats.as_json() for s in self.plane.served()[name].values()]
+        return codec.model_statistics(self.plane.stats(request.name, request.version))
 
     # -- model repository -------------------------------------------------------------------------
     @_answers_errors
@@ -138,38 +122,18 @@ class InferenceServicer(GRPCInferenceServiceServicer):
     # -- inference --------------------------------------------------------------------------------
     @_answers_errors
     async def ModelInfer(self, request, context):
-        """Every request, answered or refused, is counted under its model (or `_unknown`),
-        as the REST face counts its own."""
-        started = time.perf_counter()
-        served = None
+        """Decode for the data plane, encode its answer; it counts the request (one refused
+        for its key here, under `_unknown`)."""
         try:
             self._auth(context, "infer")
-            served = self.plane.get(request.model_name, request.model_version or None)
-            inputs = codec.inputs(request)
-            wanted = codec.requested_outputs(request)
-            timeout = codec.timeout_s(request, served.spec.timeout_ms / 1000 or None,
-                                      context.time_remaining())
-            arrays = served.check(inputs, wanted or None)
-            result = await served.infer(arrays, wanted or None, timeout)
-            response = codec.infer_response(served.name, served.version, request.id, result,
-                                            wanted)
         except OptiserveError as exc:
-            self._count(served, http_status(exc), started)
+            self.plane.refused("grpc", exc)
             raise
-        except asyncio.CancelledError:
-            self._count(served, _CANCELLED, started)
-            raise
-        except Exception:
-            self._count(served, 500, started)
-            raise
-        self._count(served, 200, started)
-        return response
-
-    def _count(self, served, status: int, started: float) -> None:
-        if served is not None:
-            served.stats.request("grpc", status, time.perf_counter() - started)
-        else:
-            self.plane.metrics.requests.labels(UNKNOWN, "", "grpc", outcome(status)).inc()
+        response = await self.plane.infer(InferRequest(
+            request.model_name, lambda _served: _payload(request),
+            request.model_version or None, "grpc", deadline_s=context.time_remaining()))
+        return codec.infer_response(response.model, response.version, request.id,
+                                    response.outputs, codec.requested_outputs(request))
 
     # -- API keys ---------------------------------------------------------------------------------
     def _auth(self, context: grpc.aio.ServicerContext, *any_of: str) -> None:
@@ -182,8 +146,6 @@ class InferenceServicer(GRPCInferenceServiceServicer):
 async def start_grpc(plane, keys, settings, *, host: str) -> grpc.aio.Server:
     """A started grpc.aio server for `plane` on host:settings.grpc_port, on the running event
     loop. Messages may be as large as HTTP bodies (OPTISERVE_MAX_UPLOAD_MB)."""
-    from optiserve.server.http.v2 import EXTENSIONS
-
     limit = min(int(settings.max_upload_mb * 1e6), _MAX_MESSAGE)
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", limit),
@@ -192,7 +154,7 @@ async def start_grpc(plane, keys, settings, *, host: str) -> grpc.aio.Server:
         ("grpc.so_reuseport", 0),
     ])
     add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(plane, keys, settings, EXTENSIONS), server)
+        InferenceServicer(plane, keys, settings), server)
     address = f"[{host}]:{settings.grpc_port}" if ":" in host else f"{host}:{settings.grpc_port}"
     try:
         bound = server.add_insecure_port(address)
@@ -207,3 +169,8 @@ async def start_grpc(plane, keys, settings, *, host: str) -> grpc.aio.Server:
     await server.start()
     log.info("Open Inference Protocol over gRPC on %s", address)
     return server
+
+
+def _payload(request) -> Payload:
+    return Payload(codec.inputs(request), codec.requested_outputs(request) or None,
+                   codec.timeout_s(request), request.id)

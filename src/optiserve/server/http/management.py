@@ -23,7 +23,8 @@ from sqlalchemy import text
 
 import optiserve
 from optiserve import api
-from optiserve.convert.detect import EXTENSIONS, EXT_FORMAT, sniff
+from optiserve.convert.detect import EXT_FORMAT, sniff
+from optiserve.convert.formats import EXTENSIONS
 from optiserve.core.errors import ConflictError, GateFailedError, UnsupportedUpload
 from optiserve.data.sources import DatasetSpec, confine, confine_path
 from optiserve.optimizer.pipeline import Optimizer

@@ -1,7 +1,8 @@
 """POST /api/v1/models/{name}/predict: the friendly face beside the Open Inference Protocol.
 
 It takes what a user has at hand, turns it into the model's tensors, runs them through the
-same dynamic batcher as /v2 and gRPC (`ServedVersion.check` + `infer`), and post-processes
+same data plane as /v2 and gRPC (`DataPlane.infer`, which splits a request larger than the
+deployment's max_batch_size into batches of that size), and post-processes
 what the deployment declares (`DeploymentSpec.predict`, registry/deployments.py):
 
 * JSON `{"records": [{column: value, ...}, ...]}`: tabular rows, bound to the model's inputs
@@ -20,10 +21,8 @@ worker thread, never on the event loop. Every input mistake is a 4xx `{"error": 
 
 from __future__ import annotations
 
-import asyncio
 import io
 import math
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -39,7 +38,7 @@ from optiserve.core.errors import (ConfigError, ConflictError, OptiserveError, U
 from optiserve.core.types import TensorSpec
 from optiserve.registry.deployments import ImageSpec, PredictSpec
 from optiserve.server.auth import scope
-from optiserve.server.errors import http_status
+from optiserve.server.dataplane import InferRequest, Payload
 from optiserve.server.tensors import datatype
 
 router = APIRouter(prefix="/api/v1", tags=["predict"])
@@ -105,24 +104,16 @@ async def predict(name: str, request: Request,
     `{"records": [...]}` or `{"inputs": {...}}`; an image as multipart/form-data in `file`
     (the deployment needs `predict.image` settings). Post-processing (softmax, top-k with
     labels) is the deployment's `predict` settings."""
-    started = time.perf_counter()
-    served = request.app.state.plane.get(name, version)
-    status = 500
-    try:
-        body = await _predict(served, request)
-        status = 200
-        return Response(body, media_type="application/json")
-    except OptiserveError as exc:
-        status = http_status(exc)
-        raise
-    except HTTPException as exc:
-        status = exc.status_code
-        raise
-    finally:
-        served.stats.request("predict", status, time.perf_counter() - started)
+    response = await request.app.state.plane.infer(InferRequest(
+        name, lambda served: _decode(served, request), version, "predict", split=True))
+    return Response(orjson.dumps({
+        "model_name": response.model, "model_version": response.version,
+        "predictions": _predictions(response.served, response.outputs, response.rows)}),
+        media_type="application/json")
 
 
-async def _predict(served, request: Request) -> bytes:
+async def _decode(served, request: Request) -> Payload:
+    """The request's body as the inputs of the version that answers it."""
     spec: PredictSpec | None = served.spec.predict
     if spec is not None:
         try:
@@ -142,37 +133,12 @@ async def _predict(served, request: Request) -> bytes:
         raise UnsupportedContent(f"Content-Type '{ctype}' is not taken here.", hint=_JSON_HINT)
     wanted = [spec.output_name(served.signature)] \
         if spec is not None and (spec.classifies() or spec.output) else None
-    arrays = served.check(inputs, wanted)
-    result = await _infer(served, arrays, wanted)
-    rows = _rows(arrays)
-    return orjson.dumps({"model_name": served.name, "model_version": served.version,
-                         "predictions": _predictions(served, spec, result, rows)})
-
-
-async def _infer(served, arrays: dict[str, np.ndarray], wanted: list[str] | None
-                 ) -> dict[str, np.ndarray]:
-    """One request, or one per max_batch_size rows when it carries more (in parallel)."""
-    size = served.max_batch_size
-    rows = _rows(arrays)
-    if not size or rows is None or rows <= size:
-        return await served.infer(arrays, wanted)
-    parts = await asyncio.gather(
-        *(served.infer({n: a[i:i + size] for n, a in arrays.items()}, wanted)
-          for i in range(0, rows, size)), return_exceptions=True)
-    failed = next((p for p in parts if isinstance(p, BaseException)), None)
-    if failed is not None:
-        raise failed
-    return {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
-
-
-def _rows(arrays: dict[str, np.ndarray]) -> int | None:
-    first = next(iter(arrays.values()), None)
-    return first.shape[0] if first is not None and first.ndim else None
+    return Payload(inputs, wanted)
 
 
 # -- post-processing ------------------------------------------------------------------------
-def _predictions(served, spec: PredictSpec | None, result: dict[str, np.ndarray],
-                 rows: int | None) -> list:
+def _predictions(served, result: dict[str, np.ndarray], rows: int | None) -> list:
+    spec: PredictSpec | None = served.spec.predict
     if spec is not None and spec.classifies():
         name = spec.output_name(served.signature)
         return _classify(served, spec, name, result[name])
@@ -465,7 +431,12 @@ async def _image_inputs(served, spec: PredictSpec | None, request: Request
             '{"image": {"resize": 256, "crop": [224, 224], "mean": [0.485, 0.456, 0.406], '
             '"std": [0.229, 0.224, 0.225]}}}, or send JSON {"records": [...]} or '
             '{"inputs": {...}}.')
-    form = await request.form(max_files=1, max_fields=8)
+    try:
+        form = await request.form(max_files=1, max_fields=8)
+    except HTTPException as exc:  # Starlette's multipart parser: a malformed or crowded form
+        raise PredictError(f"The form cannot be read: {exc.detail}",
+                           hint="Send one image as multipart/form-data in the field 'file', "
+                           "e.g. curl -F file=@cat.jpg ...") from None
     try:
         upload = form.get("file")
         if upload is None:

@@ -14,21 +14,18 @@ import re
 import time
 import zlib
 
-import numpy as np
 import orjson
 
-import optiserve
 from optiserve.core.errors import OptiserveError, first_line
 from optiserve.server.auth import token_of
+from optiserve.server.dataplane import InferRequest, InferResponse, Payload
 from optiserve.server.errors import MethodNotAllowed, error_headers, http_status
 from optiserve.server.limits import too_large
-from optiserve.server.metrics import UNKNOWN, outcome
 from optiserve.server.tensors import (TensorError, datatype, from_binary, from_json, json_data,
                                      to_bytes)
 
 log = logging.getLogger("optiserve.server")
 
-EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]
 _HEADER_LENGTH = b"inference-header-content-length"
 _MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/config|/stats)?$")
 _REPO = re.compile(r"^/v2/repository/models/([^/]+)/(load|unload)$")
@@ -51,9 +48,8 @@ class OIPRest:
         if not (path.startswith("/v2") or path == "/metrics"):
             return await self.app(scope, receive, send)
         started = time.perf_counter()
-        served = None
         try:
-            status, body, headers, served = await self._route(scope, receive, path, started)
+            status, body, headers = await self._route(scope, receive, path, started)
         except OptiserveError as exc:
             status, body, headers = _refusal(exc)
         except Exception as exc:  # our bug: logged, answered as 500, the server goes on
@@ -61,57 +57,49 @@ class OIPRest:
             status, headers = 500, list(_JSON)
             body = orjson.dumps({"error": f"Internal error ({type(exc).__name__}: "
                                  f"{first_line(exc, 200)}); it is logged on the server."})
-        if path.endswith("/infer"):
-            self._count(served, status, time.perf_counter() - started)
         headers.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
-
-    def _count(self, served, status: int, total_s: float) -> None:
-        if served is not None:
-            served.stats.request("rest", status, total_s)
-        else:
-            self.plane.metrics.requests.labels(UNKNOWN, "", "rest", outcome(status)).inc()
 
     # -- routing ------------------------------------------------------------------------------
     async def _route(self, scope, receive, path: str, started: float):
         method = scope["method"]
         if path == "/v2/health/live":
-            return 200, b'{"live":true}', list(_JSON), None
+            return 200, b'{"live":true}', list(_JSON)
         if path == "/v2/health/ready":
             if self.plane.ready():
-                return 200, b'{"ready":true}', list(_JSON), None
+                return 200, b'{"ready":true}', list(_JSON)
             return 503, orjson.dumps({"ready": False, "error": "Not every deployment is loaded; "
-                                      "see POST /v2/repository/index."}), list(_JSON), None
+                                      "see POST /v2/repository/index."}), list(_JSON)
         if path == "/metrics":
             self._auth(scope, "read", "infer")
             body, content_type = self.plane.metrics.render()
-            return 200, body, [(b"content-type", content_type.encode())], None
+            return 200, body, [(b"content-type", content_type.encode())]
         if path == "/v2/models/stats":  # before _MODEL, which would read "stats" as a name
             self._method(method, "GET")
             self._auth(scope, "read", "infer")
-            return self._json({"model_stats": self._stats(None, None)})
+            return self._json({"model_stats": self.plane.stats()})
         m = _MODEL.match(path)
         if m:
             name, version, action = m.group(1), m.group(2), m.group(3) or ""
             if action == "/infer":
-                self._method(method, "POST")
-                self._auth(scope, "infer")
-                return await self._infer(scope, receive, name, version)
+                try:
+                    self._method(method, "POST")
+                    self._auth(scope, "infer")
+                except OptiserveError as exc:
+                    self.plane.refused("rest", exc)
+                    raise
+                return await self._infer(scope, receive, name, version, started)
             self._method(method, "GET")
-            if action == "/stats":
-                self._auth(scope, "read", "infer")
-                return self._json({"model_stats": self._stats(name, version)})
             self._auth(scope, "read", "infer")
-            served = self.plane.get(name, version)
+            if action == "/stats":
+                return self._json({"model_stats": self.plane.stats(name, version)})
             if action == "/ready":
+                self.plane.get(name, version)
                 return self._json({"name": name, "ready": True})
             if action == "/config":
-                return self._json(served.config())
-            meta = served.metadata()
-            if version is None:
-                meta["versions"] = sorted(self.plane.served()[name], key=int)
-            return self._json(meta)
+                return self._json(self.plane.config(name, version))
+            return self._json(self.plane.metadata(name, version))
         if path == "/v2/repository/index":
             self._method(method, "POST")
             self._auth(scope, "read")
@@ -128,15 +116,14 @@ class OIPRest:
             return await self._repository(m.group(1), m.group(2), body)
         if path in ("/v2", "/v2/"):
             self._method(method, "GET")
-            return self._json({"name": "optiserve", "version": optiserve.__version__,
-                               "extensions": EXTENSIONS})
+            return self._json(self.plane.server_metadata())
         return 404, orjson.dumps({"error": f"No endpoint {path}. The inference protocol lives "
                                   "under /v2 (see the Open Inference Protocol); the management "
-                                  "API under /api/v1 (/docs)."}), list(_JSON), None
+                                  "API under /api/v1 (/docs)."}), list(_JSON)
 
     @staticmethod
     def _json(data) -> tuple:
-        return 200, orjson.dumps(data, option=_NUMPY), list(_JSON), None
+        return 200, orjson.dumps(data, option=_NUMPY), list(_JSON)
 
     @staticmethod
     def _method(method: str, allowed: str) -> None:
@@ -177,15 +164,6 @@ class OIPRest:
                 raise too_large(self.max_bytes)
         return body
 
-    def _stats(self, name: str | None, version: str | None) -> list[dict]:
-        if name is None:
-            return [s.stats.as_json() for versions in self.plane.served().values()
-                    for s in versions.values()]
-        if version is not None:
-            return [self.plane.get(name, version).stats.as_json()]
-        self.plane.get(name)
-        return [s.stats.as_json() for s in self.plane.served()[name].values()]
-
     async def _repository(self, name: str, action: str, body: bytes):
         if action == "unload":
             await self.plane.undeploy(name)
@@ -205,19 +183,21 @@ class OIPRest:
         return self._json({"name": name, "versions": [s.version for s in served]})
 
     # -- inference ------------------------------------------------------------------------------
-    async def _infer(self, scope, receive, name: str, version: str | None):
-        served = None
-        try:
-            served = self.plane.get(name, version)
-            body = await self._body(scope, receive)
-            request, raw = _split(scope, body)
-            inputs, wanted, binary_out, timeout_s = _parse(request, raw)
-            arrays = served.check(inputs, [w[0] for w in wanted] or None)
-            result = await served.infer(arrays, [w[0] for w in wanted] or None, timeout_s)
-        except OptiserveError as exc:  # answered here, so it is counted under its model
-            return (*_refusal(exc), served)
-        status, body, headers = _response(served, request, result, wanted, binary_out)
-        return status, body, headers, served
+    async def _infer(self, scope, receive, name: str, version: str | None, started: float):
+        """Decode for the data plane, encode its answer; it counts the request."""
+        wanted: list[tuple[str, bool]] = []
+        binary = [False]
+
+        async def decode(_served) -> Payload:
+            request, raw = _split(scope, await self._body(scope, receive))
+            inputs, asked, binary[0], timeout_s = _parse(request, raw)
+            wanted.extend(asked)
+            return Payload(inputs, [w[0] for w in asked] or None, timeout_s,
+                           request.get("id") if "id" in request else None)
+
+        response = await self.plane.infer(InferRequest(name, decode, version, "rest",
+                                                       received=started))
+        return _response(response, wanted, binary[0])
 
 
 def _refusal(exc: OptiserveError) -> tuple[int, bytes, list]:
@@ -307,14 +287,14 @@ def _parse(request: dict, raw: memoryview):
     if timeout is not None and (not isinstance(timeout, int) or timeout < 0):
         raise TensorError(f"Parameter 'timeout' is {timeout!r}; it is a number of "
                           "microseconds.")
-    return inputs, wanted, default_binary, (timeout / 1e6 if timeout else None)
+    return inputs, wanted, default_binary, (None if timeout is None else timeout / 1e6)
 
 
-def _response(served, request: dict, result: dict[str, np.ndarray], wanted, binary_default):
+def _response(response: InferResponse, wanted: list[tuple[str, bool]], binary_default: bool):
     outputs, blobs = [], []
-    names = wanted or [(n, binary_default) for n in result]
+    names = wanted or [(n, binary_default) for n in response.outputs]
     for name, binary in names:
-        array = result[name]
+        array = response.outputs[name]
         entry = {"name": name, "datatype": datatype(array.dtype), "shape": list(array.shape)}
         if binary:
             blob = to_bytes(array)
@@ -323,11 +303,11 @@ def _response(served, request: dict, result: dict[str, np.ndarray], wanted, bina
         else:
             entry["data"] = json_data(array)
         outputs.append(entry)
-    response = {"model_name": served.name, "model_version": served.version,
-                "outputs": outputs}
-    if "id" in request:
-        response["id"] = request["id"]
-    header = orjson.dumps(response, option=_NUMPY)
+    body = {"model_name": response.model, "model_version": response.version,
+            "outputs": outputs}
+    if response.id is not None:
+        body["id"] = response.id
+    header = orjson.dumps(body, option=_NUMPY)
     if not blobs:
         return 200, header, list(_JSON)
     return 200, b"".join([header, *blobs]), [
