@@ -12,7 +12,6 @@ from optiserve.bench.isolated import benchmark_isolated
 from optiserve.bench.latency import seed_json
 from optiserve.convert.detect import import_file, import_object
 from optiserve.convert.formats import EXTENSIONS
-from optiserve.convert.torch import example_arrays
 from optiserve.core.errors import ConfigError
 from optiserve.data.sources import DatasetSpec, load
 from optiserve.exporters.export import ExportResult, export_version
@@ -116,6 +115,43 @@ def optimize(model_id: str | None = None, *, registry: Registry | None = None,
         return _optimize(registry, parse_request(body), progress, training=training_data)
 
 
+def prepare_optimize(request: dict[str, Any] | OptimizeRequest, *,
+                     registry: Registry | None = None) -> OptimizeRequest:
+    """Check an optimize request before any work is queued (pass names and options, the
+    model, the data and its fit to the model) and pin its model to the version seen now, so a
+    job run later optimizes what was checked."""
+    from optiserve.optimizer.pipeline import Optimizer
+
+    request = parse_request(request)
+    version, _, _ = Optimizer(registry or Registry(), request).prepare()
+    return request.model_copy(update={"model_id": version.ref})
+
+
+def deploy(name: str, settings: dict[str, Any] | None = None, *, replace: bool = False,
+           registry: Registry | None = None) -> list[dict[str, Any]]:
+    """Create or change the deployment `name` (settings as in PUT /api/v1/deployments/NAME:
+    model, versions, max_batch_size, instances, predict, ...). Its versions are loaded and
+    warmed up in this process as a check, and it is stored only when that worked; servers
+    load it when they start or on POST /v2/repository/models/NAME/load. `replace` starts
+    from the defaults instead of the current settings. One dict per loaded version: version,
+    max_batch_size, runtime, instances, threads."""
+    import asyncio
+
+    from optiserve.server.dataplane import DataPlane
+
+    async def run() -> list[dict[str, Any]]:
+        plane = DataPlane(registry or Registry())
+        try:
+            return [{"version": s.version, "max_batch_size": s.max_batch_size,
+                     "runtime": s.runtimes[0].name, "instances": len(s.runtimes),
+                     "threads": s.runtimes[0].threads}
+                    for s in await plane.deploy(name, settings or {}, replace=replace)]
+        finally:
+            await plane.close()
+
+    return asyncio.run(run())
+
+
 def _student_as_file(body: dict[str, Any], registry: Registry, folder: Path) -> dict[str, Any]:
     """pass_configs.distillation.student may be an nn.Module in Python: it is written as a
     torch.export program (traced on inputs built from the teacher's signature) for the pass."""
@@ -128,7 +164,7 @@ def _student_as_file(body: dict[str, Any], registry: Registry, folder: Path) -> 
     teacher = registry.resolve(body["model_id"])
     import torch
 
-    args = tuple(torch.from_numpy(a) for a in example_arrays(teacher.signature.inputs).values())
+    args = tuple(torch.from_numpy(a) for a in teacher.signature.example_inputs().values())
     path = save_student(student, args, folder / "student.pt2")
     configs = {**body["pass_configs"], "distillation": {**options, "student": str(path)}}
     return {**body, "pass_configs": configs}
@@ -153,7 +189,7 @@ def benchmark(model_id: str, *, batch_sizes: list[int] = (1, 16, 32, 64),
         take = load(spec, version.signature, registry.settings,
                     feature_names=version.meta.get("feature_names")).take
     else:
-        take = lambda bs: example_arrays(version.signature.inputs, batch=bs)  # noqa: E731
+        take = lambda bs: version.signature.example_inputs(bs)  # noqa: E731
     outputs = ["label"] if any(o.name == "label" for o in version.signature.outputs) else None
     results: dict = {}
     for bs in batch_sizes:  # one size per child, so the progress bar moves

@@ -7,7 +7,8 @@ import pytest
 
 from optiserve.api import register
 from optiserve.convert.detect import import_file, sniff
-from optiserve.convert.torch import example_arrays, parse_input_spec
+from optiserve.convert.torch import parse_input_spec
+from optiserve.core.types import Signature, TensorSpec, example_inputs
 from optiserve.core.errors import ConfigError, ModelLoadError
 
 torch = pytest.importorskip("torch")
@@ -62,12 +63,17 @@ def test_parse_input_spec():
         parse_input_spec("x:floaty[-1,4]")
 
 
-def test_example_arrays_follow_the_signature():
-    specs = (parse_input_spec("ids:int64[-1,-1]"), parse_input_spec("x:float32[-1,3]"))
-    arrays = example_arrays(specs, batch=5)
+def test_example_inputs_follow_the_signature():
+    specs = (parse_input_spec("ids:int64[-1,-1]"), parse_input_spec("x:float32[-1,3]"),
+             TensorSpec(name="text", dtype="str", shape=(-1, 1)))
+    arrays = example_inputs(specs, rows=5)
     assert arrays["ids"].shape == (5, 8) and arrays["ids"].dtype == np.int64
     assert (arrays["ids"] == 1).all()
     assert arrays["x"].shape == (5, 3) and arrays["x"].dtype == np.float32
+    assert arrays["text"].shape == (5, 1) and (arrays["text"] == "").all()
+    # the same inputs warm up a served version and stand in for data elsewhere
+    sig = Signature(inputs=specs, outputs=())
+    assert all((sig.example_inputs(5)[k] == v).all() for k, v in arrays.items())
 
 
 @pytest.mark.slow

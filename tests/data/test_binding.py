@@ -67,9 +67,9 @@ def test_named_arrays_bind_directly_and_shapes_are_checked():
                     outputs=())
     ok = bind({"pixels": np.zeros((3, 1, 8, 8)), "y": np.arange(3)}, sig, label_column="y")
     assert ok.inputs["pixels"].shape == (3, 1, 8, 8)
-    with pytest.raises(SignatureMismatchError, match=r"expects shape \[-1, 1, 8, 8\]"):
+    with pytest.raises(SignatureMismatchError, match=r"the model expects \[-1, 1, 8, 8\]"):
         bind({"pixels": np.zeros((3, 1, 7, 7))}, sig, label_column=None)
-    with pytest.raises(SignatureMismatchError, match="expects 4 dimensions"):
+    with pytest.raises(SignatureMismatchError, match=r"has shape \[3, 64\]"):
         bind({"pixels": np.zeros((3, 64))}, sig, label_column=None)
 
 

@@ -121,7 +121,7 @@ def test_file_in_the_data_folder_is_accepted(lin):
 def test_data_that_does_not_fit_the_model(lin):
     np.savez(lin.settings.data_folder / "wide.npz", x=np.zeros((8, 7), np.float32))
     body = {"model_id": "lin", "validation_dataset": {"source": "file", "path": "wide.npz"}}
-    _error(lin.client().post(OPT, json=body), 400, "expects shape")
+    _error(lin.client().post(OPT, json=body), 400, "the model expects [-1, 4]")
     _no_new_runs_or_versions(lin)
 
 

@@ -220,7 +220,7 @@ def test_check_input_datatype():
 
 @pytest.mark.parametrize("shape", [(4,), (3, 4, 1), (3, 5), (1, 3)])
 def test_check_input_rank_and_fixed_dims(shape):
-    with pytest.raises(TensorError, match=r"the model takes \[-1, 4\]"):
+    with pytest.raises(TensorError, match=r"the model expects \[-1, 4\]"):
         check_input(SPEC, np.zeros(shape, np.float32), "FP32", allow_nan=False)
 
 

@@ -186,7 +186,7 @@ def test_unbatched_config_keeps_the_full_dims(served):
     got = _triton_infer(served, "fixed", {"x": x[:1]}).as_numpy("y")
     np.testing.assert_array_equal(got, np.maximum(x[:1], 0))
     r = served.infer_json("fixed", x[:2])
-    assert r.status_code == 400 and "takes [1, 4]" in r.json()["error"]
+    assert r.status_code == 400 and "the model expects [1, 4]" in r.json()["error"]
 
 
 def test_a_deployment_that_fails_at_startup_is_unavailable_until_fixed(

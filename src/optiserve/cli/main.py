@@ -458,9 +458,7 @@ def deploy(name: str = typer.Argument(..., help="Name to serve under (default mo
            as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
     """Deploy a registered model: loaded and warmed up here as a check, then stored; servers
     load it when they start or on POST /v2/repository/models/NAME/load."""
-    import asyncio
-
-    from optiserve.server.dataplane import DataPlane
+    from optiserve.api import deploy as deploy_model
 
     if versions.startswith("latest:"):
         policy = {"latest": _ints(versions.removeprefix("latest:"), "--versions latest:")[0]}
@@ -474,24 +472,16 @@ def deploy(name: str = typer.Argument(..., help="Name to serve under (default mo
                 "predict": _predict_settings(labels, top_k, softmax, image_size, crop, mean,
                                              std, grayscale, layout)}
     registry = _registry()
-
-    async def run():
-        plane = DataPlane(registry)
-        try:
-            return [(s.version, s.max_batch_size, s.runtimes[0].name, s.runtimes[0].threads)
-                    for s in await plane.deploy(name, settings, replace=True)]
-        finally:
-            await plane.close()
-
-    loaded = asyncio.run(run())
+    loaded = deploy_model(name, settings, replace=True, registry=registry)
     spec = registry.deployments.get(name).spec
     if as_json:
         print(json.dumps({"name": name, "spec": spec.model_dump(mode="json"),
-                          "versions": [v for v, *_ in loaded]}, indent=2))
+                          "versions": [v["version"] for v in loaded]}, indent=2))
         return
-    for version, batch, runtime, nthreads in loaded:
-        err.print(f"[green]deployed[/] {name} <- {spec.model}:{version} ({runtime}, "
-                  f"{spec.instances} x {nthreads} threads, max batch {batch})")
+    for v in loaded:
+        err.print(f"[green]deployed[/] {name} <- {spec.model}:{v['version']} ({v['runtime']}, "
+                  f"{v['instances']} x {v['threads']} threads, max batch "
+                  f"{v['max_batch_size']})")
 
 
 def _predict_settings(labels, top_k, softmax, image_size, crop, mean, std, grayscale,

@@ -13,6 +13,8 @@ from typing import Any
 
 from optiserve.core.types import Signature
 
+#: the formats of a PyTorch network (the training passes read them)
+TORCH_FORMATS = ("torchscript", "pt2")
 # format -> extension used when storing the artifact
 EXTENSIONS = {"onnx": ".onnx", "pkl": ".pkl", "skops": ".skops", "torchscript": ".pt",
               "pt2": ".pt2", "openvino": ".ovz", "xgboost": ".json", "xgboost_ubj": ".ubj",

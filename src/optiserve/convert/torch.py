@@ -18,7 +18,7 @@ import numpy as np
 from optiserve.convert.formats import Imported
 from optiserve.core.deps import require
 from optiserve.core.errors import ConfigError, ConversionError, ModelLoadError, first_line
-from optiserve.core.types import Signature, TensorSpec
+from optiserve.core.types import Signature, TensorSpec, example_inputs
 
 _SPEC = re.compile(r"^\s*(\w+)\s*:\s*(\w+)\s*\[([-\d,\s]*)\]\s*$")
 
@@ -45,19 +45,6 @@ def parse_input_spec(text: str) -> TensorSpec:
                           hint="Dimensions are positive sizes, or -1 for a dynamic one, and the "
                           "tensor must stay under 10^8 elements.")
     return TensorSpec(name=name, dtype=dtype, shape=shape)
-
-
-def example_arrays(inputs: tuple[TensorSpec, ...], batch: int = 2) -> dict[str, np.ndarray]:
-    """Inputs built from a signature: ones for integers (valid ids and masks), normal floats."""
-    rng = np.random.default_rng(0)
-    out = {}
-    for spec in inputs:
-        shape = tuple(batch if i == 0 and d == -1 else (8 if d == -1 else d)
-                      for i, d in enumerate(spec.shape))
-        dt = np.dtype(spec.dtype)
-        out[spec.name] = (np.ones(shape, dt) if dt.kind in "iub"
-                          else rng.standard_normal(shape).astype(dt))
-    return out
 
 
 def _as_tuple(example_inputs: Any, names: list[str]) -> tuple:
@@ -169,7 +156,7 @@ def import_torch_file(path: Path, fmt: str, *, input_specs: list | None = None) 
             hint="Name them: --input 'NAME:DTYPE[DIMS]' per input, e.g. "
             "--input 'pixels:float32[-1,1,32,32]'.")
     specs = tuple(s if isinstance(s, TensorSpec) else parse_input_spec(s) for s in input_specs)
-    sample = example_arrays(specs)
+    sample = example_inputs(specs)
     with torch.no_grad():
         try:
             outputs = module(*(torch.from_numpy(sample[s.name]) for s in specs))

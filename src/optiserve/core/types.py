@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+
+#: the size example inputs give a dynamic dimension other than the batch (a sequence length)
+EXAMPLE_SEQ = 8
 
 
 class TensorSpec(BaseModel):
@@ -18,10 +24,20 @@ class TensorSpec(BaseModel):
         """name:dtype[shape], e.g. input:float32[-1, 9]."""
         return f"{self.name}:{self.dtype}{list(self.shape)}"
 
-    def fits(self, shape: tuple[int, ...]) -> bool:
-        """Whether rows of `shape` (any number of them) fit this tensor."""
+    def fits(self, shape: tuple[int, ...], *, rows: bool = True) -> bool:
+        """Whether an array of `shape` fits this tensor: the same rank and every fixed
+        dimension equal; with `rows`, any number of rows (the first dimension is free)."""
+        skip = 1 if rows else 0
         return len(shape) == len(self.shape) and all(
-            d in (-1, g) for d, g in zip(self.shape[1:], shape[1:]))
+            d in (-1, g) for d, g in zip(self.shape[skip:], shape[skip:]))
+
+    def mismatch(self, shape: tuple[int, ...], *, rows: bool = True) -> str | None:
+        """Why an array of `shape` does not fit (None if it does): the one wording every check
+        of data, training rows and requests against a model's input uses."""
+        if self.fits(shape, rows=rows):
+            return None
+        return (f"has shape {list(shape)}; the model expects {list(self.shape)} "
+                "(-1: any size)")
 
 
 class Signature(BaseModel):
@@ -32,6 +48,10 @@ class Signature(BaseModel):
     inputs: tuple[TensorSpec, ...] = Field(description="Inputs in the order the model takes them.")
     outputs: tuple[TensorSpec, ...] = Field(description="Outputs in the order the model gives them.")
 
+    def example_inputs(self, rows: int = 2) -> dict[str, np.ndarray]:
+        """Inputs of this signature with `rows` rows (see `example_inputs`)."""
+        return example_inputs(self.inputs, rows)
+
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
 
@@ -40,3 +60,21 @@ class Signature(BaseModel):
             return ", ".join(t.describe() for t in ts)
 
         return f"inputs [{fmt(self.inputs)}] -> outputs [{fmt(self.outputs)}]"
+
+
+def example_inputs(specs: Iterable[TensorSpec], rows: int = 2) -> dict[str, np.ndarray]:
+    """Inputs built from tensor specs, to trace, warm up or try a model without data: `rows`
+    for a dynamic first dimension, EXAMPLE_SEQ for the other dynamic ones; ones for integers
+    and booleans (valid ids and masks), seeded normal floats, empty strings for text."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for spec in specs:
+        shape = tuple(rows if i == 0 and d == -1 else (EXAMPLE_SEQ if d == -1 else d)
+                      for i, d in enumerate(spec.shape))
+        if spec.dtype in ("str", "object"):
+            out[spec.name] = np.full(shape, "", dtype=object)
+            continue
+        dt = np.dtype(spec.dtype)
+        out[spec.name] = (np.ones(shape, dt) if dt.kind in "iub"
+                          else rng.standard_normal(shape).astype(dt))
+    return out

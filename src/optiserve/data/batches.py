@@ -54,9 +54,9 @@ def from_batches(batches: Iterable[Any], signature: Signature, *,
     arrays = {n: np.concatenate(v) for n, v in inputs.items()}
     for spec in signature.inputs:
         got = arrays[spec.name]
-        if not spec.fits(got.shape):
-            raise DatasetError(f"Training input '{spec.name}' has shape {list(got.shape)}; "
-                               f"the model expects {list(spec.shape)} (-1: any size).")
+        wrong = spec.mismatch(got.shape)
+        if wrong:
+            raise DatasetError(f"Training input '{spec.name}' {wrong}.")
     return Dataset(arrays, np.concatenate(labels) if labels else None,
                    description or f"{rows} rows from {type(batches).__name__}")
 

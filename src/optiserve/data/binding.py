@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from optiserve.core.errors import DatasetError, SignatureMismatchError
-from optiserve.core.types import Signature
+from optiserve.core.types import Signature, TensorSpec
 
 
 @dataclass
@@ -45,7 +45,7 @@ def bind(columns: dict[str, np.ndarray], signature: Signature, *, label_column: 
         labels = columns.pop(label_column)
     names = [s.name for s in signature.inputs]
     if all(n in columns for n in names):
-        inputs = {s.name: _fit(columns[s.name], s.dtype, s.shape, s.name)
+        inputs = {s.name: _fit(columns[s.name], s)
                   for s in signature.inputs}
     elif len(signature.inputs) == 1 and not _unnamed_arrays(columns):
         inputs = {names[0]: _stack(columns, signature, feature_names, description)}
@@ -99,7 +99,7 @@ def _stack(columns, signature, feature_names, description: str = "") -> np.ndarr
     spec = signature.inputs[0]
     arrays = list(columns.values())
     if len(arrays) == 1 and arrays[0].ndim >= 2:  # one array, already shaped (NPZ)
-        return _fit(arrays[0], spec.dtype, spec.shape, spec.name)
+        return _fit(arrays[0], spec)
     if not arrays:
         raise SignatureMismatchError(
             f"The data{f' ({description})' if description else ''} has no columns for the "
@@ -127,19 +127,16 @@ def _stack(columns, signature, feature_names, description: str = "") -> np.ndarr
             "The columns have different lengths: "
             + ", ".join(f"{c}:{_shape(columns[c])}" for c in order) + ".",
             hint="Give every column one value per row.")
-    return _fit(np.column_stack([columns[c] for c in order]), spec.dtype, spec.shape, spec.name)
+    return _fit(np.column_stack([columns[c] for c in order]), spec)
 
 
-def _fit(array: np.ndarray, dtype: str, shape: tuple[int, ...], name: str) -> np.ndarray:
-    if shape and array.ndim != len(shape):
-        raise SignatureMismatchError(
-            f"Input '{name}' expects {len(shape)} dimensions {list(shape)}; the data has "
-            f"shape {list(array.shape)}.", hint="Reshape the data to the model's input shape.")
-    for got, want in zip(array.shape[1:], shape[1:]):
-        if want != -1 and got != want:
-            raise SignatureMismatchError(
-                f"Input '{name}' expects shape {list(shape)}; the data has {list(array.shape)}.",
-                hint="Reshape the data to the model's input shape.")
+def _fit(array: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """The rows of one input, checked against its spec and cast to its dtype."""
+    name, dtype = spec.name, spec.dtype
+    wrong = spec.mismatch(array.shape) if spec.shape else None
+    if wrong:
+        raise SignatureMismatchError(f"Input '{name}' {wrong}.",
+                                     hint="Reshape the data to the model's input shape.")
     if dtype in ("str", "object"):
         return array
     try:

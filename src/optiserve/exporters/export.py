@@ -28,7 +28,6 @@ import numpy as np
 from optiserve.bench.isolated import benchmark_isolated
 from optiserve.bench.latency import Latency
 from optiserve.convert.formats import EXTENSIONS
-from optiserve.convert.torch import example_arrays
 from optiserve.core.errors import ConfigError
 from optiserve.data.binding import Dataset
 from optiserve.data.metrics import cosine_rows
@@ -178,7 +177,7 @@ def _rows(registry: Registry, version: VersionInfo, data: DatasetSpec | None,
                               hint="Give a file or query with at least one row.")
         rows = {k: v[:MAX_ROWS] for k, v in ds.inputs.items()}
         return rows, f"{min(ds.n, MAX_ROWS)} rows of {ds.description}"
-    rows = example_arrays(version.signature.inputs, batch=SYNTHETIC_ROWS)
+    rows = version.signature.example_inputs(SYNTHETIC_ROWS)
     return rows, (f"{SYNTHETIC_ROWS} synthetic rows (normal floats, ones for integer inputs); "
                   "pass data for real rows")
 

@@ -20,7 +20,6 @@ import numpy as np
 from optiserve.bench.isolated import benchmark_isolated
 from optiserve.bench.latency import Latency
 from optiserve.convert.formats import FRAMEWORKS
-from optiserve.convert.torch import example_arrays
 from optiserve.core.errors import (ConfigError, DatasetError, GateFailedError, OptimizationTimeout,
                                    OptiserveError, first_line)
 from optiserve.core.hardware import detect
@@ -33,7 +32,7 @@ from optiserve.optimizer.request import OptimizeRequest
 from optiserve.optimizer import pareto, search
 from optiserve.optimizer.search import expand
 from optiserve.optimizer.tree import CandidateTree
-from optiserve.passes.base import Artifact, get_pass
+from optiserve.passes.base import Artifact, PassContext, get_pass
 from optiserve.registry.registry import Registry, VersionInfo
 from optiserve.runtimes.base import load_runtime
 
@@ -45,7 +44,7 @@ _SYNTHETIC_ROWS = 64
 def load_dataset(request: OptimizeRequest, version: VersionInfo, settings: Settings) -> Dataset:
     spec = request.validation_dataset
     if spec is None:
-        inputs = example_arrays(version.signature.inputs, batch=_SYNTHETIC_ROWS)
+        inputs = version.signature.example_inputs(_SYNTHETIC_ROWS)
         return Dataset(inputs, None, f"{_SYNTHETIC_ROWS} synthetic rows (no validation data)")
     return load(spec, version.signature, settings,
                 feature_names=version.meta.get("feature_names"),
@@ -79,8 +78,6 @@ class Optimizer:
         self.training: Dataset | None = None
         self.training_batches = training
         self.hardware = detect()
-        # candidate verdicts by id(artifact), read by the tree walk to decide on retries
-        self.verdicts: dict[int, Candidate] = {}
 
     # -- one candidate ------------------------------------------------------------------
     def measure(self, artifact: Artifact, dataset: Dataset, reference, task) -> Candidate:
@@ -112,7 +109,7 @@ class Optimizer:
         if "auto" in self.request.optimizations:
             names = self._auto(names)
         classes = [get_pass(n) for n in names]
-        if names and classes[0].needs_onnx and original.format != "onnx" \
+        if names and classes[0].refuses(original.format) and "onnx" in (classes[0].formats or ()) \
                 and "onnx_conversion" not in names:
             names.insert(0, "onnx_conversion")
             self.notes.append("added onnx_conversion first: the other passes work on ONNX")
@@ -139,9 +136,9 @@ class Optimizer:
             self._note(f"auto left out {text}")
         return names
 
-    def candidates(self, original: Artifact, dataset: Dataset, calibration: Dataset | None,
-                   workdir: Path):
-        """Yield candidates (see optimizer/tree.py); each is measured before the next."""
+    def tree(self, original: Artifact, dataset: Dataset, calibration: Dataset | None,
+             workdir: Path, measure: Callable[[Artifact], Candidate | None]) -> CandidateTree:
+        """The candidate tree of this request (optimizer/tree.py), measuring with `measure`."""
         configs = self.request.configs()
         names = self.chain(original)
         plans = {n: self.plans[n] if n in self.plans else expand(get_pass(n), configs.get(n))
@@ -149,15 +146,14 @@ class Optimizer:
         unused = set(configs) - set(names)
         if unused:
             self.notes.append(f"options given for passes not requested: {sorted(unused)}")
-        context = {"settings": self.settings, "sample": dataset.take(min(2, dataset.n)),
-                   "calibration": calibration, "training": self.training,
-                   "hardware": self.hardware, "deadline": self.deadline,
-                   "batch_sizes": tuple(self.request.batch_sizes), "progress": self.progress}
-        tree = CandidateTree(names=names, plans=plans, configs=configs, context=context,
-                             workdir=workdir, rows=dataset.take(min(16, dataset.n)),
-                             verdicts=self.verdicts, out_of_time=self._out_of_time,
-                             note=self._note, progress=self.progress)
-        yield from tree.walk(original)
+        context = PassContext(workdir=workdir, settings=self.settings,
+                              sample=dataset.take(min(2, dataset.n)), calibration=calibration,
+                              training=self.training, hardware=self.hardware,
+                              deadline=self.deadline,
+                              batch_sizes=tuple(self.request.batch_sizes),
+                              progress=self.progress)
+        return CandidateTree(plans, configs, context, dataset.take(min(16, dataset.n)), measure,
+                             out_of_time=self._out_of_time, note=self._note)
 
     def _note(self, text: str) -> None:
         if text not in self.notes:
@@ -186,18 +182,7 @@ class Optimizer:
 
     def planned(self) -> int:
         """About how many candidates the run will measure (for progress), once prepared."""
-        frontier, made = 1, 1
-        for name, plan in self.plans.items():
-            n = len(plan)
-            if get_pass(name).branches:
-                made += n * made
-            elif get_pass(name).alternative:  # its input goes on beside its n children
-                made += frontier * n
-                frontier *= n + 1
-            else:
-                frontier *= n
-                made += frontier
-        return max(1, made - 1)
+        return CandidateTree.planned(self.plans)
 
     def run(self) -> OptimizationResult:
         runs = self.registry.runs
@@ -233,22 +218,26 @@ class Optimizer:
         original = self.measure(original_art, dataset, None, None)
         task = original.evaluation.task
         measured: list[Candidate] = []
+
+        def verdict(artifact: Artifact) -> Candidate | None:
+            """One candidate measured and gated (None: it could not be measured)."""
+            self.progress(f"measuring {artifact.label}", 0)
+            try:
+                cand = self.measure(artifact, dataset, original.outputs, task)
+            except Exception as exc:  # e.g. a graph the runtime refuses: only it is lost
+                log.debug("measuring %s failed", artifact.label, exc_info=True)
+                self._note(f"{artifact.label} could not be measured: {type(exc).__name__}: "
+                           f"{first_line(exc)}; the run went on without it")
+                return None
+            cand.gate = metrics.gate(cand.evaluation, original.evaluation, self.threshold)
+            self._explain_parity(cand, original)
+            measured.append(cand)
+            self.on_candidate(cand)
+            self.progress(f"measured {artifact.label}", 1)
+            return cand
+
         with tempfile.TemporaryDirectory(prefix="optiserve-") as tmp:
-            for artifact in self.candidates(original_art, dataset, calibration, Path(tmp)):
-                self.progress(f"measuring {artifact.label}", 0)
-                try:
-                    cand = self.measure(artifact, dataset, original.outputs, task)
-                except Exception as exc:  # e.g. a graph the runtime refuses: only it is lost
-                    log.debug("measuring %s failed", artifact.label, exc_info=True)
-                    self._note(f"{artifact.label} could not be measured: {type(exc).__name__}: "
-                               f"{first_line(exc)}; the run went on without it")
-                    continue
-                cand.gate = metrics.gate(cand.evaluation, original.evaluation, self.threshold)
-                self._explain_parity(cand, original)
-                measured.append(cand)
-                self.verdicts[id(artifact)] = cand
-                self.on_candidate(cand)
-                self.progress(f"measured {artifact.label}", 1)
+            self.tree(original_art, dataset, calibration, Path(tmp), verdict).walk(original_art)
             if not measured and self.timed_out:
                 raise OptimizationTimeout(
                     f"OPTIMIZATION_MAX_TIME_MINUTES={self.settings.optimization_max_time_minutes}"
@@ -460,16 +449,8 @@ def _within_noise(cand: Candidate, chosen: Candidate, size: int) -> str:
 
 
 def _precision(cand: Candidate) -> str:
-    """INT8, FP16 or FP32, read off the passes that made the candidate."""
-    passes = cand.artifact.passes
-    names = {p["name"] for p in passes}
-    if names & {"quantization", "qat"} or any(
-            p["config"].get("int8") not in (None, "none", False) for p in passes
-            if p["name"] in ("openvino", "tensorrt")):
-        return "INT8"
-    if "fp16" in names or any(p["config"].get("fp16") for p in passes if p["name"] == "tensorrt"):
-        return "FP16"
-    return "FP32"
+    """INT8, FP16 or FP32: the precision the passes that made the candidate recorded."""
+    return str(cand.artifact.meta.get("precision", "fp32")).upper()
 
 
 def _speed_score(cand: Candidate, pool: list[Candidate]) -> float:

@@ -4,8 +4,9 @@ A pass applies to every node of the frontier (a skipped node carries on unchange
 branching pass (another runtime's format) applies to every node made so far and its children
 are leaves. Every node is a candidate, FP32 prefixes included.
 
-The walk is a generator: the optimizer measures and gates each yielded artifact before asking
-for the next one, so the walk can react to the verdict (`verdicts[id(artifact)]`):
+The tree is given `measure(artifact) -> Candidate | None`, which the optimizer answers by
+measuring and gating the artifact (None: it could not be measured), so the walk reacts to
+each verdict before it makes the next candidate:
 
 1. A candidate that failed the gate is retried with the next value of each accuracy knob the
    user left open (search.fallbacks: e.g. MinMax -> Percentile -> Entropy calibration).
@@ -21,8 +22,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator
-from pathlib import Path
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -31,45 +32,66 @@ from pydantic import BaseModel
 from optiserve.core.errors import ConfigError, MissingExtraError, first_line
 from optiserve.optimizer import sensitivity
 from optiserve.optimizer.search import fallbacks, searched_fields
-from optiserve.passes.base import Artifact, Pass, PassContext, PassSkipped, get_pass
+from optiserve.passes.base import (Artifact, ExcludesNodes, Pass, PassContext, PassSkipped,
+                                   get_pass)
 
 log = logging.getLogger(__name__)
 EXCLUDE_ROUNDS = (1, 2, 4, 8)
 
 
 class CandidateTree:
-    def __init__(self, *, names: list[str], plans: dict[str, list[BaseModel]],
-                 configs: dict[str, dict[str, Any]], context: dict[str, Any], workdir: Path,
-                 rows: dict[str, np.ndarray], verdicts: dict[int, Any],
-                 out_of_time: Callable[[], bool], note: Callable[[str], None],
-                 progress: Callable[[str, float], None]):
-        self.names, self.plans, self.configs, self.context = names, plans, configs, context
-        self.workdir, self.rows, self.verdicts = workdir, rows, verdicts
-        self.out_of_time, self.note, self.progress = out_of_time, note, progress
+    """`plans`: the chain's passes in order, each with the configs to try; `configs`: the
+    request's options per pass (the fallbacks keep what the user set); `context`: what every
+    pass gets (its workdir is the root under which each pass application gets its own);
+    `rows`: a few inputs to rank layers on; `out_of_time()` and `note(text)` report to the run."""
+
+    def __init__(self, plans: dict[str, list[BaseModel]], configs: dict[str, dict[str, Any]],
+                 context: PassContext, rows: dict[str, np.ndarray],
+                 measure: Callable[[Artifact], Any], *, out_of_time: Callable[[], bool],
+                 note: Callable[[str], None]):
+        self.plans, self.configs, self.context, self.rows = plans, configs, context, rows
+        self.measure, self.out_of_time, self.note = measure, out_of_time, note
+        self.measured: list[Any] = []  # the verdicts so far
         self.made = 0
 
-    def walk(self, original: Artifact) -> Iterator[Artifact]:
+    @staticmethod
+    def planned(plans: dict[str, list[BaseModel]]) -> int:
+        """About how many candidates a walk of `plans` measures (for progress)."""
+        frontier, made = 1, 1
+        for name, plan in plans.items():
+            n, kind = len(plan), get_pass(name).kind
+            if kind == "branch":
+                made += n * made
+            elif kind == "alternative":  # its input goes on beside its n children
+                made += frontier * n
+                frontier *= n + 1
+            else:
+                frontier *= n
+                made += frontier
+        return max(1, made - 1)
+
+    def walk(self, original: Artifact) -> None:
         frontier, made = [original], [original]
-        for step, name in enumerate(self.names):
+        for step, name in enumerate(self.plans):
             cls = get_pass(name)
             nxt, skipped, made_before = [], [], len(made)
-            for node in (list(made) if cls.branches else frontier):
+            branch = cls.kind == "branch"
+            for node in (list(made) if branch else frontier):
                 if self.out_of_time():
                     return
-                if cls.needs_onnx and node.format != "onnx":
-                    skipped.append((node.label, f"it works on ONNX, not {node.format}; put "
-                                                "onnx_conversion before it"))
+                refused = cls.refuses(node.format)
+                if refused:
+                    skipped.append((node.label, refused))
                     children = []
                 else:
-                    children = yield from self._apply(cls, node, step, skipped)
+                    children = self._apply(cls, node, step, skipped)
                 # a pass that makes an alternative (a shrunk network) keeps its input going
                 # too, so later passes (onnx_conversion, quantization) compare both
-                keep = not children or cls.alternative
+                keep = not children or cls.kind == "alternative"
                 nxt += children + ([node] if keep and node not in nxt else [])
                 made += children
-            if not cls.branches:
+            if not branch:
                 frontier = nxt
-            if not cls.branches:
                 for label, why in skipped:
                     self.note(f"{name} skipped on {label}: {why}")
             elif len(made) == made_before:
@@ -92,25 +114,30 @@ class CandidateTree:
             child = self._make(cls, node, config, step, skipped)
             if child is None:
                 continue
-            yield child
-            verdict = self.verdicts.get(id(child))
+            verdict = self._measure(child)
             if verdict is None:
                 continue  # it could not be measured (the optimizer said why): no child of it
             children.append(child)
             if not verdict.gate.passed and self._could_win(verdict):
                 # depth first: settle this config's lineage before the next one
                 queue[:0] = fallbacks(cls, self.configs.get(cls.name), config)
-        if "nodes_to_exclude" in cls.Config.model_fields:
-            yield from self._exclude_worst(cls, node, step, children, skipped)
+        if issubclass(cls.Config, ExcludesNodes):
+            self._exclude_worst(cls, node, step, children, skipped)
         return children
+
+    def _measure(self, child: Artifact):
+        verdict = self.measure(child)
+        if verdict is not None:
+            self.measured.append(verdict)
+        return verdict
 
     def _exclude_worst(self, cls, node, step, children, skipped):
         """Per family without a passing member: leave its best member's worst layers in FP32."""
-        families: dict[str, list[Artifact]] = {}
-        for child in children:
-            families.setdefault(self._family(cls, child), []).append(child)
-        for members in families.values():
-            verdicts = [self.verdicts[id(c)] for c in members if id(c) in self.verdicts]
+        families: dict[str, list] = {}
+        for verdict in self.measured:
+            if any(verdict.artifact is c for c in children):
+                families.setdefault(self._family(cls, verdict.artifact), []).append(verdict)
+        for verdicts in families.values():
             if not verdicts or any(v.gate.passed for v in verdicts):
                 continue
             best = max(verdicts, key=lambda v: v.evaluation.value)
@@ -135,8 +162,7 @@ class CandidateTree:
                     f"retry after the gate failed: left in FP32 the {k} layer(s) with the "
                     "largest error against FP32: "
                     + ", ".join(f"{n} ({errors[n]:.3f})" for n in worst))
-                yield child
-                verdict = self.verdicts.get(id(child))
+                verdict = self._measure(child)
                 if verdict is None:
                     break
                 children.append(child)
@@ -147,12 +173,13 @@ class CandidateTree:
               skipped: list[tuple[str, str]]) -> Artifact | None:
         """The child `cls` makes of `node`, or None: a skip goes into `skipped` as (where,
         why); a failure is noted; a ConfigError (the request's own mistake) stops the run."""
-        self.progress(f"{cls.name} on {node.label}", 0)
+        if self.context.progress:
+            self.context.progress(f"{cls.name} on {node.label}", 0)
         self.made += 1
-        wd = self.workdir / f"{step}-{self.made}"
+        wd = self.context.workdir / f"{step}-{self.made}"
         wd.mkdir(parents=True)
         try:
-            return cls().run(node, config, PassContext(workdir=wd, **self.context))
+            return cls().run(node, config, dataclasses.replace(self.context, workdir=wd))
         except (PassSkipped, MissingExtraError) as skip:  # the run goes on with the others
             skipped.append((node.label, str(skip)))
         except ConfigError:
@@ -167,7 +194,7 @@ class CandidateTree:
     # -- helpers -------------------------------------------------------------------------
     def _could_win(self, failed) -> bool:
         """False when a passing candidate is already faster at every batch size."""
-        passing = [v for v in self.verdicts.values() if v.gate is not None and v.gate.passed]
+        passing = [v for v in self.measured if v.gate is not None and v.gate.passed]
         for other in passing:
             if all(other.latency[bs].p50_ms <= failed.latency[bs].p50_ms for bs in failed.latency):
                 self.note(f"{failed.artifact.label} failed the gate and was not retried: "

@@ -1,7 +1,9 @@
 """Pass interface and registry.
 
-A pass is a small class with a `name`, the extras it needs, a nested pydantic `Config`
-(extra="forbid", a description on every field) and one `run()`. A config field that trades
+A pass is a small class with a `name`, a `kind` (how the candidate tree uses it), the
+`formats` it reads, a nested `Config` (a PassConfig: unknown options are refused, a
+description on every field) and one `run()`. What the optimizer needs to know of a result
+goes into the artifact's facts (`meta`), e.g. its `precision`. A config field that trades
 speed for accuracy declares the values worth trying with `search=[...]` in its json_schema_extra
 and defaults to None; the search layer (optimize/search.py) expands those into candidates.
 """
@@ -12,11 +14,12 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from optiserve.convert.formats import TORCH_FORMATS
 from optiserve.core.errors import ConfigError, UnknownNameError
 from optiserve.core.hardware import Hardware, detect
 from optiserve.core.settings import Settings
@@ -96,20 +99,80 @@ class PassSkipped(Exception):
     """The pass has nothing to do on this model (e.g. no quantizable operator); not an error."""
 
 
+class PassConfig(BaseModel):
+    """The options of a pass. An unknown option is an error, never ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class DataPath:
+    """Marks a pass option that names a file, e.g. `Annotated[str | None, DataPath("Student
+    model file")]`. A request from the network may only name files inside the data folder:
+    `confine_files` resolves every such option there, for every pass, in one place."""
+
+    what: str  # how an error names the file
+
+
+def confine_files(pass_configs: dict[str, dict[str, Any]], root: Path
+                  ) -> dict[str, dict[str, Any]]:
+    """The options of every pass with each file-valued option (a DataPath) resolved inside
+    `root`; an unknown pass is left to the pass registry's own error."""
+    from optiserve.data.sources import confine_path
+
+    out = {}
+    for name, options in pass_configs.items():
+        options = dict(options or {})
+        fields = get_pass(name).Config.model_fields if name in PASSES else {}
+        for key, info in fields.items():
+            marks = [m for m in info.metadata if isinstance(m, DataPath)]
+            if marks and isinstance(options.get(key), str):
+                options[key] = confine_path(options[key], root, marks[0].what)
+        out[name] = options
+    return out
+
+
+class ExcludesNodes(PassConfig):
+    """The options of a pass that can leave named nodes in FP32. When all of a family of its
+    candidates fail the gate, the candidate tree retries the best one with the layers ranked
+    worst against FP32 left out (optimizer/tree.py, optimizer/sensitivity.py)."""
+
+    nodes_to_exclude: list[str] = Field(default_factory=list,
+                                        description="Node names kept in FP32.")
+
+
 class Pass:
     name: ClassVar[str]
-    extras: ClassVar[tuple[str, ...]] = ()
-    needs_onnx: ClassVar[bool] = True
-    #: A branching pass makes leaf candidates (another runtime's format) from every node of the
-    #: tree it accepts, instead of replacing the frontier the next pass works on.
-    branches: ClassVar[bool] = False
-    #: An alternative-making pass (pruning, distillation, low-rank: a smaller network, not a
-    #: new format of the same one) leaves its input on the frontier beside its children, so
-    #: the passes after it run on both and the unshrunk model competes in the same form.
-    alternative: ClassVar[bool] = False
+    #: How the candidate tree uses the pass:
+    #: - "transform": each node of the frontier is replaced by the pass's children of it;
+    #: - "branch": leaf candidates (another runtime's format) are made from every node made so
+    #:   far, and the frontier the next pass works on stays as it was;
+    #: - "alternative": a smaller network (pruning, distillation, low-rank), not a new format of
+    #:   the same one: its input stays on the frontier beside its children, so the passes after
+    #:   it run on both and the unshrunk model competes in the same form.
+    kind: ClassVar[Literal["transform", "branch", "alternative"]] = "transform"
+    #: the artifact formats the pass reads; None: any
+    formats: ClassVar[tuple[str, ...] | None] = ("onnx",)
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    Config: ClassVar[type[PassConfig]] = PassConfig
+
+    @classmethod
+    def refuses(cls, format: str) -> str | None:
+        """Why the pass cannot read an artifact of `format` (None: it can)."""
+        if cls.formats is None or format in cls.formats:
+            return None
+        if cls.formats == TORCH_FORMATS:
+            return f"{cls.name} trains PyTorch models; this artifact is {format}"
+        fix = "; put onnx_conversion before it" if "onnx" in cls.formats else ""
+        return f"it works on {', '.join(f.upper() for f in cls.formats)}, not {format}{fix}"
+
+    @classmethod
+    def check_format(cls, artifact: Artifact) -> None:
+        """Skip an artifact the pass cannot read (the tree does not offer it one; a direct
+        call may)."""
+        why = cls.refuses(artifact.format)
+        if why:
+            raise PassSkipped(why)
 
     def run(self, artifact: Artifact, config: BaseModel, ctx: PassContext) -> Artifact:
         raise NotImplementedError

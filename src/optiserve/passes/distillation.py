@@ -19,41 +19,38 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from optiserve.core.deps import require
 from optiserve.core.errors import ConfigError, first_line
-from optiserve.passes.base import Artifact, Pass, PassContext, PassSkipped
+from optiserve.passes.base import (Artifact, DataPath, PassContext,
+                                   PassSkipped)
 from optiserve.passes.fx import graph_module
 from optiserve.passes.channels import (channel_groups, drop_unused, kept_count, layer_parts,
                                        left_alone, prunable, shrink)
 from optiserve.passes.structured_pruning import default_round_to
-from optiserve.passes.training import (Trainer, as_list, deadline, model_stats, outputs,
-                                       require_torch_model, save_program, stats_meta,
-                                       stats_note, stopped_note, training_rows)
+from optiserve.passes.training import (Trainer, TrainingConfig, TrainingJob, TrainingPass, as_list,
+                                       deadline, model_stats, outputs, save_program, stats_meta,
+                                       stats_note, stopped_note)
 
 LOSSES = {"kl": "KL divergence to the teacher's softened class scores",
           "cosine": "cosine distance to the teacher's outputs",
           "mse": "MSE to the teacher's outputs"}
 
 
-class Distillation(Pass):
+class Distillation(TrainingPass):
     """Trains a smaller student on the teacher's outputs and writes it as a .pt2 program."""
 
     name = "distillation"
-    extras = ("torch",)
-    needs_onnx = False
-    alternative = True  # the unshrunk model goes on beside it (Pass.alternative)
+    feature = "Knowledge distillation"
+    kind = "alternative"  # the unshrunk model goes on beside it
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
-        student: str | None = Field(
+    class Config(TrainingConfig):
+        student: Annotated[str | None, DataPath("Student model file")] = Field(
             None, description="Path of the student: a TorchScript (.pt) or torch.export (.pt2) "
             "file taking the teacher's inputs and giving outputs of the teacher's shapes "
             "(optiserve.passes.distillation.save_student writes one from an nn.Module). "
@@ -79,35 +76,25 @@ class Distillation(Pass):
             0.7, ge=0, le=1, description="kl with labels: weight of the soft (teacher) loss; "
             "1 - alpha goes to cross-entropy on the hard labels.")
         steps: int = Field(500, ge=1, description="Optimizer steps of training.")
-        batch_size: int = Field(32, ge=1, description="Training rows per step.")
         learning_rate: float | None = Field(
             None, gt=0, description="Adam learning rate; default 1e-3 for a student starting "
             "from the teacher's weights, 3e-3 for fresh weights (random, or a given file).")
-        max_seconds: float = Field(
-            300, gt=0, description="Stop training once the pass has run this long; the steps "
-            "done so far are kept and the note says so.")
         seed: int = Field(0, description="Seed of the batch order and of random weights.")
 
-    def run(self, artifact: Artifact, config: Config, ctx: PassContext) -> Artifact:
-        require_torch_model(artifact, self.name)
-        started = time.monotonic()
-        torch = require("torch", extra="torch", feature="Knowledge distillation")
-        data, labels, total = training_rows(artifact, ctx, self.name,
-                                            keep=config.steps * config.batch_size,
-                                            seed=config.seed)
+    def train(self, artifact: Artifact, config: Config, ctx: PassContext, job: TrainingJob
+              ) -> Artifact:
+        torch, data, total, args, teacher = job.torch, job.data, job.total, job.args, job.gm
         sig = artifact.signature
-        args = tuple(torch.from_numpy(data[s.name][:2]) for s in sig.inputs)
-        teacher = graph_module(torch, artifact.path, artifact.format, args)
         if config.student:
             student, made = load_student(torch, Path(config.student).expanduser(), args)
         else:
             student, made = derive_student(torch, teacher, args, config, ctx)
         check_outputs(torch, teacher, student, args)
         reference = outputs(torch, teacher, data, sig)
-        kind, hard = distill_plan(config.loss, reference, labels)
+        kind, hard = distill_plan(config.loss, reference, job.labels)
         trainer = _DistillTrainer(torch, student, data, reference, kind, sig, config, hard, ctx)
         before = trainer.evaluate()
-        until, by_run = deadline(ctx, config.max_seconds, started)
+        until, by_run = deadline(ctx, config.max_seconds, job.started)
         done = trainer.train(until)
         after = trainer.evaluate()
         agreement = _agreement(kind, reference, outputs(torch, student, data, sig))

@@ -23,11 +23,11 @@ from collections import Counter
 import numpy as np
 import onnx
 from onnx import TensorProto
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from optiserve.convert.onnx_io import check, write_meta
 from optiserve.core.errors import first_line
-from optiserve.passes.base import Artifact, Pass, PassContext, PassSkipped
+from optiserve.passes.base import Artifact, Pass, PassConfig, PassContext, PassSkipped
 
 _QUANTIZED = ("Integer", "QLinear", "QuantizeLinear", "DequantizeLinear", "DynamicQuantize")
 # How ONNX Runtime names the operator it cannot run in FP16: a schema type error, or no kernel.
@@ -37,11 +37,9 @@ _MAX_RETRIES = 8
 
 class FP16(Pass):
     name = "fp16"
-    branches = True
+    kind = "branch"
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
+    class Config(PassConfig):
         keep_io_types: bool = Field(
             True, description="Keep FP32 inputs and outputs (Casts at the graph boundary), so "
             "callers send and receive the same types as before.")

@@ -18,10 +18,10 @@ from typing import Literal
 
 import onnx
 import onnxruntime as ort
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from optiserve.convert.onnx_io import check, read_meta, write_meta
-from optiserve.passes.base import Artifact, Pass, PassContext, PassSkipped
+from optiserve.passes.base import Artifact, Pass, PassConfig, PassContext, PassSkipped
 
 _TRANSFORMER_HINTS = {"LayerNormalization", "Softmax"}
 
@@ -29,9 +29,7 @@ _TRANSFORMER_HINTS = {"LayerNormalization", "Softmax"}
 class GraphOptimization(Pass):
     name = "graph_optimization"
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
+    class Config(PassConfig):
         level: Literal["basic", "extended"] = Field(
             "basic", description="ONNX Runtime offline optimization level: basic stays standard "
             "ONNX (quantizable, readable by OpenVINO); extended adds ONNX Runtime's fused "

@@ -21,36 +21,30 @@ unless `steps` was set explicitly, which asks for fine-tuning and so skips witho
 from __future__ import annotations
 
 import heapq
-import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from optiserve.convert.torch import example_arrays
-from optiserve.core.deps import require
-from optiserve.passes.base import Artifact, Pass, PassContext, PassSkipped
-from optiserve.passes.fx import CONV, aten_op, get_attr, graph_module, set_param
-from optiserve.passes.training import (LOSSES, Trainer, deadline, loss_plan, model_stats,
-                                       outputs, require_torch_model, save_program, stats_meta,
-                                       stats_note, stopped_note, training_rows)
+from optiserve.passes.base import Artifact, PassContext, PassSkipped
+from optiserve.passes.fx import CONV, aten_op, get_attr, set_param
+from optiserve.passes.training import (LOSSES, Trainer, TrainingConfig, TrainingJob, TrainingPass,
+                                       deadline, loss_plan, model_stats, outputs, save_program,
+                                       stats_meta, stats_note, stopped_note, training_rows)
 
 DEFAULT_ENERGY = 0.9
 
 
-class LowRank(Pass):
+class LowRank(TrainingPass):
     """Factors Linear/Conv weights by truncated SVD where that is cheaper; optional fine-tune."""
 
     name = "low_rank"
-    alternative = True
-    extras = ("torch",)
-    needs_onnx = False
+    feature = "Low-rank approximation (low_rank)"
+    kind = "alternative"  # the unshrunk model goes on beside it
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
+    class Config(TrainingConfig):
         energy: float | None = Field(
             None, gt=0, le=1, description="Fraction of each layer's squared singular values "
             f"kept: its rank is the smallest that keeps it. Default {DEFAULT_ENERGY} when "
@@ -72,19 +66,9 @@ class LowRank(Pass):
             300, ge=0, description="Optimizer steps of fine-tuning after the factoring (needs "
             "training data; 0: none). Without training data the pass factors without "
             "fine-tuning, unless steps was set explicitly.")
-        batch_size: int = Field(32, ge=1, description="Training rows per step.")
         learning_rate: float = Field(
             1e-4, gt=0, description="Adam learning rate: small, since the factors start "
             "close to the trained weights (1e-3 undid more than it recovered on a digits MLP).")
-        loss: Literal["auto", "cross_entropy", "mse", "distill"] = Field(
-            "auto", description="cross_entropy: against integer labels (class scores); mse: "
-            "against float labels; distill: mean squared error to the original model's "
-            "outputs. auto: cross_entropy when the labels and the output allow it, else "
-            "distill.")
-        max_seconds: float = Field(
-            300, gt=0, description="Stop fine-tuning once the pass has run this long; the steps "
-            "done so far are kept and the note says so.")
-        seed: int = Field(0, description="Seed of the batch order.")
 
         @model_validator(mode="after")
         def _one_rank_rule(self) -> LowRank.Config:
@@ -93,17 +77,26 @@ class LowRank(Pass):
                                  "both choose the ranks; give one of them")
             return self
 
-    def run(self, artifact: Artifact, config: Config, ctx: PassContext) -> Artifact:
-        require_torch_model(artifact, self.name)
-        started = time.monotonic()
-        torch = require("torch", extra="torch", feature="Low-rank approximation (low_rank)")
+    @staticmethod
+    def _tunes(config: Config, ctx: PassContext) -> bool:
+        """Fine-tuning runs with training data, or without when steps were set explicitly (and
+        then says what is missing)."""
+        return config.steps > 0 and (ctx.training is not None
+                                     or "steps" in config.model_fields_set)
+
+    def rows(self, artifact: Artifact, config: Config, ctx: PassContext):
+        """The training rows when it fine-tunes, else example inputs (factoring needs none)."""
+        if not self._tunes(config, ctx):
+            return artifact.signature.example_inputs(), None, 0
+        return training_rows(artifact, ctx, self.name,
+                             keep=max(512, config.steps * config.batch_size), seed=config.seed)
+
+    def train(self, artifact: Artifact, config: Config, ctx: PassContext, job: TrainingJob
+              ) -> Artifact:
+        torch, data, labels, total, args, gm = (job.torch, job.data, job.labels, job.total,
+                                                job.args, job.gm)
         signature = artifact.signature
-        tune = config.steps > 0 and (ctx.training is not None or "steps" in config.model_fields_set)
-        data, labels, total = training_rows(
-            artifact, ctx, self.name, keep=max(512, config.steps * config.batch_size),
-            seed=config.seed) if tune else (example_arrays(signature.inputs), None, 0)
-        args = tuple(torch.from_numpy(data[s.name][:2]) for s in signature.inputs)
-        gm = graph_module(torch, artifact.path, artifact.format, args)
+        tune = self._tunes(config, ctx)
         size_before = model_stats(torch, gm, args)
         layers, left = find_layers(torch, gm, config.min_size)
         chosen, fraction = choose_ranks(layers, config, left)
@@ -121,7 +114,7 @@ class LowRank(Pass):
                             "no training data; give training_dataset to recover accuracy")
                          + "): the accuracy gate measures what the truncation lost")
         else:
-            notes.append(tuner.run(*deadline(ctx, config.max_seconds, started), total))
+            notes.append(tuner.run(*deadline(ctx, config.max_seconds, job.started), total))
         out = save_program(torch, gm, signature, data, ctx.workdir / "low_rank.pt2")
         return artifact.then(out, self.name, config, format="pt2", signature=signature,
                              notes=notes, meta=stats_meta(size_before, size_after))

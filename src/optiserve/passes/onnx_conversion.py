@@ -13,20 +13,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from optiserve.convert.onnx_io import check, signature_of, write_meta
 from optiserve.core.errors import ConversionError
-from optiserve.passes.base import Artifact, Pass, PassContext, PassSkipped
+from optiserve.passes.base import Artifact, Pass, PassConfig, PassContext, PassSkipped
 
 
 class OnnxConversion(Pass):
     name = "onnx_conversion"
-    needs_onnx = False
+    formats = None  # any
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
+    class Config(PassConfig):
         opset: int | None = Field(None, ge=7, le=23,
                                   description="ONNX opset; default ONNX_OPSET_VERSION.")
         dtype: Literal["float32", "float64"] = Field(

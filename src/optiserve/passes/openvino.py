@@ -18,22 +18,19 @@ from collections import Counter
 from typing import Literal
 
 import onnx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from optiserve.core.deps import require
-from optiserve.passes.base import Artifact, Pass, PassContext, PassSkipped
+from optiserve.passes.base import Artifact, Pass, PassConfig, PassContext, PassSkipped
 
 _QUANTIZED = ("Integer", "QLinear", "QuantizeLinear", "DequantizeLinear", "DynamicQuantize")
 
 
 class OpenVINO(Pass):
     name = "openvino"
-    extras = ("openvino",)
-    branches = True
+    kind = "branch"
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
+    class Config(PassConfig):
         int8: Literal["none", "weights", "static"] | None = Field(
             None, description="none: FP32 IR; weights: INT8 weights only; static: INT8 weights "
             "and activations calibrated with NNCF. Unset: try none and static.",
@@ -75,7 +72,9 @@ class OpenVINO(Pass):
         with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
             z.write(out_dir / "model.xml", "model.xml")
             z.write(out_dir / "model.bin", "model.bin")
-        return artifact.then(out, self.name, config, format="openvino", notes=[note])
+        return artifact.then(out, self.name, config, format="openvino", notes=[note],
+                             meta={"precision": "int8"} if config.int8 in ("weights", "static")
+                             else None)
 
     def _static(self, model, artifact: Artifact, config: Config, ctx: PassContext):
         rows = ctx.calibration

@@ -24,20 +24,19 @@ cannot, so only a last onnx_conversion should).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
-from optiserve.core.deps import require
-from optiserve.passes.base import Artifact, Pass, PassContext, PassSkipped
-from optiserve.passes.fx import CONV, aten_op, get_attr, graph_module
-from optiserve.passes.training import (LOSSES, Trainer, deadline, loss_plan, model_stats,
-                                       outputs, require_torch_model, save_program, stats_meta,
-                                       stats_note, stopped_note, training_rows)
+from optiserve.core.types import Signature
+from optiserve.passes.base import Artifact, PassContext, PassSkipped
+from optiserve.passes.fx import CONV, aten_op, get_attr
+from optiserve.passes.training import (LOSSES, Trainer, TrainingConfig, TrainingJob, TrainingPass,
+                                       deadline, loss_plan, model_stats, outputs, save_program,
+                                       stats_meta, stats_note, stopped_note, training_rows)
 
 DENSE_RUNTIMES = ("unstructured zeros do not make a dense runtime faster: ONNX Runtime and "
                   "OpenVINO CPU kernels compute them; the gain is in size (compressed storage): "
@@ -49,10 +48,8 @@ _SHOWN_LAYERS = 12  # per-layer sparsities listed in a note; the rest are summar
 _EVALUATED_ROWS = 512  # rows Trainer.evaluate() reads: kept even when the steps read fewer
 
 
-class _Common(BaseModel):
+class _Common(TrainingConfig):
     """Options both pruning passes share."""
-
-    model_config = ConfigDict(extra="forbid")
 
     scope: Literal["global", "per_layer"] = Field(
         "global", description="global: one magnitude threshold over all pruned layers, so "
@@ -61,12 +58,6 @@ class _Common(BaseModel):
     skip_last_layer: bool = Field(
         True, description="Leave the last Conv/Linear layer dense: it is small and pruning it "
         "costs the most accuracy per weight removed.")
-    batch_size: int = Field(32, ge=1, description="Training rows per step.")
-    learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate.")
-    loss: Literal["auto", "cross_entropy", "mse", "distill"] = Field(
-        "auto", description="cross_entropy: against integer labels (class scores); mse: "
-        "against float labels; distill: mean squared error to the unpruned model's outputs. "
-        "auto: cross_entropy when the labels and the output allow it, else distill.")
     max_seconds: float = Field(
         120, gt=0, description="Stop training once the pass has run this long; the weights "
         "are still pruned to the target and the note says so.")
@@ -74,13 +65,12 @@ class _Common(BaseModel):
 
 
 # -- the passes ------------------------------------------------------------------------------
-class MagnitudePruning(Pass):
+class MagnitudePruning(TrainingPass):
     """Zeros the smallest-magnitude Conv/Linear weights, fine-tuning with the masks kept."""
 
     name = "pruning"
-    alternative = True
-    extras = ("torch",)
-    needs_onnx = False
+    feature = "Magnitude pruning (pruning)"
+    kind = "alternative"  # the unshrunk model goes on beside it
 
     class Config(_Common):
         sparsity: float | None = Field(
@@ -94,20 +84,22 @@ class MagnitudePruning(Pass):
         steps: int = Field(300, ge=0, description="Fine-tuning optimizer steps in all, shared "
                            "between the increments; 0 prunes without fine-tuning.")
 
-    def run(self, artifact: Artifact, config: Config, ctx: PassContext) -> Artifact:
-        require_torch_model(artifact, self.name)
+    def rows(self, artifact: Artifact, config: Config, ctx: PassContext):
+        return training_rows(artifact, ctx, self.name, seed=config.seed,
+                             keep=max(config.steps * config.batch_size, _EVALUATED_ROWS))
+
+    def train(self, artifact: Artifact, config: Config, ctx: PassContext, job: TrainingJob
+              ) -> Artifact:
         target = SPARSITY_SEARCH[0] if config.sparsity is None else config.sparsity
         _check_target(target)
-        started = time.monotonic()
-        job = _setup(artifact, ctx, config, self.name, "Magnitude pruning (pruning)",
-                     keep=max(config.steps * config.batch_size, _EVALUATED_ROWS))
+        job = _layers(job, config, artifact.signature)
         torch, layers = job.torch, job.layers
         trainer = Trainer(torch, job.gm, job.data, job.targets, job.kind, artifact.signature,
                           steps=config.steps, batch_size=config.batch_size,
                           learning_rate=config.learning_rate, seed=config.seed,
                           name=self.name, ctx=ctx)
         dense = trainer.evaluate()
-        until, by_run = deadline(ctx, config.max_seconds, started)
+        until, by_run = deadline(ctx, config.max_seconds, job.started)
         done, pruned = _prune_gradually(torch, layers, trainer, config, target, until)
         prune_to(torch, layers, target, config.scope)  # reached even when time ran out
         after = trainer.evaluate()
@@ -139,13 +131,12 @@ def _prune_gradually(torch: Any, layers: list[Layer], trainer: Trainer, config: 
     return done, pruned
 
 
-class LotteryTicket(Pass):
+class LotteryTicket(TrainingPass):
     """Iterative magnitude pruning with rewinding; reports the sparsity/accuracy curve."""
 
     name = "lottery_ticket"
-    alternative = True
-    extras = ("torch",)
-    needs_onnx = False
+    feature = "The lottery ticket (lottery_ticket)"
+    kind = "alternative"  # the unshrunk model goes on beside it
 
     class Config(_Common):
         sparsity: float = Field(0.8, ge=0, lt=1, description="Fraction of the pruned layers' "
@@ -173,14 +164,15 @@ class LotteryTicket(Pass):
                                  "training steps; give rewind_step <= steps")
             return self
 
-    def run(self, artifact: Artifact, config: Config, ctx: PassContext) -> Artifact:
-        require_torch_model(artifact, self.name)
-        _check_target(config.sparsity)
-        started = time.monotonic()
+    def rows(self, artifact: Artifact, config: Config, ctx: PassContext):
         keep = int(max(config.steps * config.batch_size, _EVALUATED_ROWS)
-                   / (1 - config.holdout)) + 1
-        job = _setup(artifact, ctx, config, self.name, "The lottery ticket (lottery_ticket)",
-                     keep=keep)
+                   / (1 - config.holdout)) + 1  # the held-out rows come on top
+        return training_rows(artifact, ctx, self.name, keep=keep, seed=config.seed)
+
+    def train(self, artifact: Artifact, config: Config, ctx: PassContext, job: TrainingJob
+              ) -> Artifact:
+        _check_target(config.sparsity)
+        job = _layers(job, config, artifact.signature)
         torch, layers, sig = job.torch, job.layers, artifact.signature
         train, held = _split_rows(job, config.holdout, config.seed)
         trainer = Trainer(torch, job.gm, *train, job.kind, sig, steps=config.steps,
@@ -189,7 +181,7 @@ class LotteryTicket(Pass):
         judge = _Judge(torch, job.gm, *held, job.kind, sig)
         if config.reinitialize:
             _reinitialize(torch, job.gm, config.seed)
-        until, by_run = deadline(ctx, config.max_seconds, started)
+        until, by_run = deadline(ctx, config.max_seconds, job.started)
         curve, finished = _rounds(torch, job.gm, layers, trainer, judge, config, until)
         if not finished:  # out of time: the target is still met, by magnitude alone
             prune_to(torch, layers, config.sparsity, config.scope)
@@ -392,18 +384,14 @@ def _curve_text(curve: list[dict[str, float]]) -> str:
 
 
 # -- shared set-up and output ----------------------------------------------------------------
-def _setup(artifact: Artifact, ctx: PassContext, config: Any, name: str, feature: str, *,
-           keep: int) -> SimpleNamespace:
-    """Torch, the training rows, the FX graph, the loss and the layers to prune."""
-    torch = require("torch", extra="torch", feature=feature)
-    data, labels, total = training_rows(artifact, ctx, name, keep=keep, seed=config.seed)
-    args = tuple(torch.from_numpy(data[s.name][:2]) for s in artifact.signature.inputs)
-    gm = graph_module(torch, artifact.path, artifact.format, args)
-    kind, targets = loss_plan(config.loss, outputs(torch, gm, data, artifact.signature), labels)
+def _layers(job: TrainingJob, config: Any, signature: Signature) -> SimpleNamespace:
+    """The job with the loss and the layers to prune."""
+    torch, gm, data = job.torch, job.gm, job.data
+    kind, targets = loss_plan(config.loss, outputs(torch, gm, data, signature), job.labels)
     layers, names = prunable_layers(torch, gm, config.skip_last_layer)
-    return SimpleNamespace(torch=torch, data=data, total=total, args=args, gm=gm, kind=kind,
-                           targets=targets, layers=layers, names=names,
-                           before=model_stats(torch, gm, args))
+    return SimpleNamespace(torch=torch, data=data, total=job.total, args=job.args, gm=gm,
+                           started=job.started, kind=kind, targets=targets, layers=layers,
+                           names=names, before=model_stats(torch, gm, job.args))
 
 
 def _rows(job: SimpleNamespace, trainer: Trainer, ctx: PassContext) -> str:

@@ -9,45 +9,30 @@ quantization from the same ranges) and after the fine-tuning.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from optiserve.convert.onnx_io import check, signature_of
-from optiserve.core.deps import require
-from optiserve.passes.base import Artifact, Pass, PassContext
+from optiserve.passes.base import Artifact, PassContext
 from optiserve.passes.fake_quant import export_qdq, insert_fake_quant, quantized_layers
-from optiserve.passes.fx import graph_module
-from optiserve.passes.training import (LOSSES, Trainer, deadline, loss_plan, outputs,
-                                       require_torch_model, stopped_note, training_rows)
+from optiserve.passes.training import (LOSSES, Trainer, TrainingConfig, TrainingJob, TrainingPass,
+                                       deadline, loss_plan, outputs, stopped_note)
 
 
-class QAT(Pass):
+class QAT(TrainingPass):
     """Fine-tunes a PyTorch model with fake quantization and exports an INT8 ONNX QDQ model."""
 
     name = "qat"
-    extras = ("torch",)
-    needs_onnx = False
-    branches = True
+    feature = "Quantization-aware training (qat)"
+    kind = "branch"
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
+    class Config(TrainingConfig):
         steps: int = Field(200, ge=1, description="Optimizer steps of fake-quant fine-tuning.")
-        batch_size: int = Field(32, ge=1, description="Training rows per step.")
-        learning_rate: float = Field(1e-4, gt=0, description="Adam learning rate.")
+        learning_rate: float = Field(1e-4, gt=0, description="Adam learning rate (fine-tuning).")
         freeze_observers_at: float = Field(
             0.5, ge=0, le=1, description="Fraction of the steps after which the activation and "
             "weight ranges stop moving, so the last steps train against fixed scales.")
-        loss: Literal["auto", "cross_entropy", "mse", "distill"] = Field(
-            "auto", description="cross_entropy: against integer labels (class scores); mse: "
-            "against float labels; distill: mean squared error to the FP32 model's outputs. "
-            "auto: cross_entropy when the labels and the output allow it, else distill.")
-        max_seconds: float = Field(
-            300, gt=0, description="Stop training once the pass has run this long; the steps "
-            "done so far are kept and the note says so.")
         quantize_output: bool = Field(
             True, description="Quantize the model's output too, so ONNX Runtime runs the last "
             "layer with an integer kernel; false keeps that layer in float (outputs exact to "
@@ -56,26 +41,19 @@ class QAT(Pass):
             None, description="7-bit weights ([-64, 63]): trained so, because on x86 CPUs "
             "without VNNI ONNX Runtime's u8 x s8 kernel saturates on 8-bit weights. Unset: on "
             "exactly there (the hardware preflight decides), as for the quantization pass.")
-        seed: int = Field(0, description="Seed of the batch order.")
 
-    def run(self, artifact: Artifact, config: Config, ctx: PassContext) -> Artifact:
-        require_torch_model(artifact, self.name)
-        started = time.monotonic()
-        torch = require("torch", extra="torch", feature="Quantization-aware training (qat)")
-        data, labels, total = training_rows(artifact, ctx, self.name,
-                                            keep=config.steps * config.batch_size,
-                                            seed=config.seed)
-        args = tuple(torch.from_numpy(data[s.name][:2]) for s in artifact.signature.inputs)
-        gm = graph_module(torch, artifact.path, artifact.format, args)
+    def train(self, artifact: Artifact, config: Config, ctx: PassContext, job: TrainingJob
+              ) -> Artifact:
+        torch, data, args, gm = job.torch, job.data, job.args, job.gm
         fp32 = outputs(torch, gm, data, artifact.signature)
-        kind, targets = loss_plan(config.loss, fp32, labels)
+        kind, targets = loss_plan(config.loss, fp32, job.labels)
         reduce_range = (ctx.hardware.int8_reduce_range if config.reduce_range is None
                         else config.reduce_range)
         layers = insert_fake_quant(torch, gm, quantize_output=config.quantize_output,
                                    weight_bits=7 if reduce_range else 8)
         trainer = _QATTrainer(torch, gm, data, targets, kind, config, artifact.signature, ctx)
         before = trainer.evaluate()
-        until, by_run = deadline(ctx, config.max_seconds, started)
+        until, by_run = deadline(ctx, config.max_seconds, job.started)
         done = trainer.train(until)
         after = trainer.evaluate()
         out = ctx.workdir / "qat_qdq.onnx"
@@ -85,7 +63,7 @@ class QAT(Pass):
         counts = Counter(quantized_layers(model))
         stopped = stopped_note(done, config.steps, by_run, config.max_seconds)
         note = (f"QAT: {done} steps of fake-quant fine-tuning ({LOSSES[kind]}, "
-                f"{trainer.n}{f' of {total}' if total > trainer.n else ''} rows of "
+                f"{trainer.n}{f' of {job.total}' if job.total > trainer.n else ''} rows of "
                 f"{ctx.training.description or 'the training data'}"
                 f"{stopped}), loss {before:.3g} -> {after:.3g}; ONNX QDQ opset {opset}: "
                 + " + ".join(f"{v} {k}" for k, v in sorted(counts.items()))
@@ -93,7 +71,7 @@ class QAT(Pass):
                 + ("7-bit weights (reduce_range: no VNNI here)" if reduce_range
                    else "8-bit weights"))
         return artifact.then(out, self.name, config, format="onnx", signature=signature_of(model),
-                             notes=[note])
+                             notes=[note], meta={"precision": "int8"})
 
 
 # -- training --------------------------------------------------------------------------------

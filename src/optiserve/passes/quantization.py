@@ -25,12 +25,12 @@ from typing import Literal
 
 import numpy as np
 import onnx
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from optiserve.convert.onnx_io import check
 from optiserve.core.errors import ConfigError, first_line
 from optiserve.core.hardware import Hardware
-from optiserve.passes.base import Artifact, Pass, PassContext, PassSkipped
+from optiserve.passes.base import Artifact, ExcludesNodes, Pass, PassContext, PassSkipped
 
 _QUANTIZABLE = {"MatMul", "Gemm", "Conv", "Attention", "LSTM", "GRU"}
 # Compute-heavy ops worth reporting when they stay FP32 (ONNX Runtime's fused ones included).
@@ -43,9 +43,7 @@ _SHORT = {"qint8": "S8", "quint8": "U8"}
 class Quantization(Pass):
     name = "quantization"
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
+    class Config(ExcludesNodes):
         method: Literal["dynamic", "static"] | None = Field(
             None, description="dynamic: INT8 weights, activations quantized at run time. static: "
             "activations too, with ranges calibrated on the calibration data. Unset: try both.",
@@ -82,8 +80,6 @@ class Quantization(Pass):
             None, description="Operator types to quantize; default: all ONNX Runtime supports.")
         op_types_to_exclude: list[str] = Field(
             default_factory=list, description="Operator types kept in FP32.")
-        nodes_to_exclude: list[str] = Field(
-            default_factory=list, description="Node names kept in FP32.")
         calibration_rows: int = Field(
             256, ge=1, description="Static only: most calibration rows used (the first ones).")
         calibration_chunk: int = Field(
@@ -128,7 +124,8 @@ class Quantization(Pass):
                     or k == "DequantizeLinear"}
         notes = [done.summary + ": " + ", ".join(f"{k} x{v}" for k, v in sorted(int8_ops.items())),
                  *done.notes, left_in_fp32(quantized, config, done), ctx.hardware.int8_note]
-        return artifact.then(done.path, self.name, config, notes=[n for n in notes if n])
+        return artifact.then(done.path, self.name, config, notes=[n for n in notes if n],
+                             meta={"precision": "int8"})
 
     def _dynamic(self, artifact: Artifact, config: Config, ctx: PassContext,
                  reduce_range: bool) -> _Done:

@@ -14,43 +14,35 @@ only when it is faster, then fine-tuned (passes/training.py). The result is a .p
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from optiserve.core.deps import require
-from optiserve.core.errors import ConfigError, first_line
-from optiserve.passes.base import Artifact, Pass, PassContext, PassSkipped
+from optiserve.bench.isolated import time_in_turns
+from optiserve.core.errors import ConfigError, OptiserveError, first_line
+from optiserve.passes.base import Artifact, PassContext, PassSkipped
 from optiserve.passes.channels import (Group, blocked_error, channel_groups, drop_unused,
                                        kept_count, layer_label, layer_names,
                                        left_alone, prunable, shrink)
-from optiserve.passes.fx import graph_module, quiet
-from optiserve.passes.training import (LOSSES, Trainer, deadline, loss_plan, model_stats,
-                                       outputs, require_torch_model, save_program, stats_meta,
-                                       stats_note, stopped_note, training_rows)
+from optiserve.passes.fx import quiet
+from optiserve.passes.training import (LOSSES, Trainer, TrainingConfig, TrainingJob, TrainingPass,
+                                       deadline, loss_plan, model_stats, outputs, save_program,
+                                       stats_meta, stats_note, stopped_note, training_rows)
 
 
 # -- the pass --------------------------------------------------------------------------------
-class StructuredPruning(Pass):
+class StructuredPruning(TrainingPass):
     """Removes whole channels / neurons, keeps each step only if ONNX Runtime runs it faster,
     fine-tunes, and writes a .pt2 program with the smaller tensors."""
 
     name = "structured_pruning"
-    extras = ("torch",)
-    needs_onnx = False
-    alternative = True  # the unshrunk model goes on beside it (Pass.alternative)
+    feature = "Structured pruning"
+    kind = "alternative"  # the unshrunk model goes on beside it
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
+    class Config(TrainingConfig):
         ratio: float | None = Field(
             None, gt=0, lt=1, description="Fraction of the channels (Conv) or neurons (Linear) "
             "removed from every layer that can be pruned. Unset: 0.5, and 0.25 when that fails "
@@ -80,28 +72,15 @@ class StructuredPruning(Pass):
             None, ge=1, le=4096, description="Batch size the steps are timed at; default the "
             "largest batch size the run benchmarks (64 when the pass runs on its own).")
         steps: int = Field(300, ge=0, description="Optimizer steps of fine-tuning in all.")
-        batch_size: int = Field(32, ge=1, description="Training rows per step.")
-        learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate.")
-        loss: Literal["auto", "cross_entropy", "mse", "distill"] = Field(
-            "auto", description="Fine-tuning loss: cross_entropy against integer labels, mse "
-            "against float labels, distill: mean squared error to the unpruned model's "
-            "outputs. auto: cross_entropy when the labels and the output allow it, else "
-            "distill.")
-        max_seconds: float = Field(
-            300, gt=0, description="Stop fine-tuning once the pass has run this long; the "
-            "steps done so far are kept and the note says so.")
-        seed: int = Field(0, description="Seed of the batch order.")
 
-    def run(self, artifact: Artifact, config: Config, ctx: PassContext) -> Artifact:
-        require_torch_model(artifact, self.name)
-        started = time.monotonic()
-        torch = require("torch", extra="torch", feature="Structured pruning")
-        data, labels, total = training_rows(artifact, ctx, self.name,
-                                            keep=max(config.steps * config.batch_size, 512),
-                                            seed=config.seed)
+    def rows(self, artifact: Artifact, config: Config, ctx: PassContext):
+        return training_rows(artifact, ctx, self.name,
+                             keep=max(config.steps * config.batch_size, 512), seed=config.seed)
+
+    def train(self, artifact: Artifact, config: Config, ctx: PassContext, job: TrainingJob
+              ) -> Artifact:
+        torch, data, total, args, gm = job.torch, job.data, job.total, job.args, job.gm
         sig = artifact.signature
-        args = tuple(torch.from_numpy(data[s.name][:2]) for s in sig.inputs)
-        gm = graph_module(torch, artifact.path, artifact.format, args)
         check_ignored(gm, config.ignore_layers)
         round_to = config.round_to or default_round_to(ctx)
         groups = channel_groups(torch, gm, args, set(config.ignore_layers))
@@ -111,8 +90,8 @@ class StructuredPruning(Pass):
         if not prunable(groups, round_to):
             raise PassSkipped(f"no layer has more than round_to={round_to} channels that can be "
                               f"pruned{left_alone(groups, round_to)}")
-        kind, targets = loss_plan(config.loss, outputs(torch, gm, data, sig), labels)
-        until, by_run = deadline(ctx, config.max_seconds, started)
+        kind, targets = loss_plan(config.loss, outputs(torch, gm, data, sig), job.labels)
+        until, by_run = deadline(ctx, config.max_seconds, job.started)
         trainer = Trainer(torch, gm, data, targets, kind, sig, steps=config.steps,
                           batch_size=config.batch_size, learning_rate=config.learning_rate,
                           seed=config.seed, name=self.name, ctx=ctx)
@@ -256,52 +235,9 @@ class _Timer:
 
     def compare(self, paths: list[Path]) -> list[float]:
         """p50 ms of each ONNX file, timed in turns in one child process."""
-        job = self.ctx.workdir / "timing-job.json"
-        np.savez(self.ctx.workdir / "timing-rows.npz", **self.rows)
-        job.write_text(json.dumps({
-            "paths": [str(p) for p in paths], "threads": self.ctx.settings.threads,
-            "signature": self.signature.model_dump(mode="json"),
-            "rows": str(self.ctx.workdir / "timing-rows.npz")}))
         try:
-            proc = subprocess.run([sys.executable, "-m", "optiserve.passes.structured_pruning",
-                                   str(job)], capture_output=True, text=True, timeout=300)
-        except subprocess.TimeoutExpired:
-            raise PassSkipped("timing the pruned model in ONNX Runtime took over 300 s; "
-                              "lower timing_batch_size, or require_faster=false") from None
-        if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise PassSkipped(f"timing the pruned model in ONNX Runtime failed: {tail}")
-        return json.loads(proc.stdout.strip().splitlines()[-1])["p50_ms"]
-
-
-def _time_in_turns(job_path: str, max_seconds: float = 2.0, rounds: int = 300) -> None:
-    """The child of _Timer.compare: one call of each model in turn, for up to `rounds`
-    rounds or `max_seconds` (at least 20), then the median of each; prints one JSON line."""
-    from optiserve.core.types import Signature
-    from optiserve.runtimes.base import load_runtime
-
-    job = json.loads(Path(job_path).read_text())
-    sig = Signature.model_validate(job["signature"])
-    with np.load(job["rows"]) as data:
-        rows = {k: data[k] for k in data.files}
-    with contextlib.ExitStack() as stack:
-        runtimes = [stack.enter_context(load_runtime(Path(p), sig, format="onnx",
-                                                     threads=job["threads"]))
-                    for p in job["paths"]]
-        for runtime in runtimes:
-            for _ in range(10):
-                runtime.predict(rows)
-        times: list[list[float]] = [[] for _ in runtimes]
-        until = time.perf_counter() + max_seconds
-        for r in range(rounds):
-            if r >= 20 and time.perf_counter() > until:
-                break
-            for runtime, spent in zip(runtimes, times):
-                start = time.perf_counter()
-                runtime.predict(rows)
-                spent.append(time.perf_counter() - start)
-    print(json.dumps({"p50_ms": [float(np.median(t)) * 1e3 for t in times]}))
-
-
-if __name__ == "__main__":
-    _time_in_turns(sys.argv[1])
+            return time_in_turns(paths, self.signature, self.rows,
+                                 threads=self.ctx.settings.threads,
+                                 hint="Lower timing_batch_size, or set require_faster=false.")
+        except OptiserveError as exc:
+            raise PassSkipped(f"timing the pruned model: {exc}") from None

@@ -34,14 +34,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import onnx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from optiserve.convert.onnx_io import write_meta
 from optiserve.core.errors import first_line
 from optiserve.core.hardware import Hardware
 from optiserve.core.settings import Settings
 from optiserve.core.types import Signature
-from optiserve.passes.base import Artifact, Pass, PassContext, PassSkipped
+from optiserve.passes.base import Artifact, Pass, PassConfig, PassContext, PassSkipped
 
 PROVIDER = "TensorrtExecutionProvider"
 _DYNAMIC_INT8 = ("Integer", "QLinear", "DynamicQuantize")
@@ -50,11 +50,9 @@ _QDQ = {"QuantizeLinear", "DequantizeLinear"}
 
 class TensorRT(Pass):
     name = "tensorrt"
-    branches = True
+    kind = "branch"
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
+    class Config(PassConfig):
         fp16: bool = Field(True, description="Let TensorRT use FP16 kernels where faster "
                            "(mixed precision; inputs and outputs stay FP32).")
         int8: bool = Field(False, description="INT8 kernels for a QDQ model (explicit "
@@ -91,8 +89,10 @@ class TensorRT(Pass):
                    if "trt_profile_max_shapes" in options else "built for the shapes it sees")
         note = (f"TensorRT {precision}, workspace {options['trt_max_workspace_size'] / 2**30:g} "
                 f"GB, {profile}; {len(engines)} engine(s) cached next to the model")
-        return artifact.then(out, self.name, config, notes=[note], meta={
-            "execution_provider": "tensorrt", "trt_options": options, "trt_engines": engines})
+        facts = {"execution_provider": "tensorrt", "trt_options": options, "trt_engines": engines}
+        if config.int8 or config.fp16:
+            facts["precision"] = "int8" if config.int8 else "fp16"
+        return artifact.then(out, self.name, config, notes=[note], meta=facts)
 
 
 def preflight(hardware: Hardware) -> str | None:

@@ -1,9 +1,11 @@
 """What every pass that trains a PyTorch model shares: its rows, its loss, its loop, its output.
 
-Training-time passes (qat, pruning, lottery_ticket, distillation, low_rank) work on the PyTorch
-original, the source of truth for changes a graph converter cannot make. They read it as an FX
-GraphModule (fx.graph_module: BatchNorm folded, Conv/Linear weights trainable), train
-it on `ctx.training` with:
+Training-time passes (qat, pruning, lottery_ticket, structured_pruning, distillation, low_rank)
+work on the PyTorch original, the source of truth for changes a graph converter cannot make.
+Each is a `TrainingPass` with a `TrainingConfig`: its `run()` checks the format, loads torch,
+reads the training rows and the model as an FX GraphModule (fx.graph_module: BatchNorm folded,
+Conv/Linear weights trainable) into a `TrainingJob`, and hands that to the pass's `train()`,
+which trains it on `ctx.training` with:
 
 - **rows** checked against the signature (`training_rows`): a mismatch skips the pass with the
   input, shape or dtype named, never a crash mid-training;
@@ -22,27 +24,24 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
+from pydantic import Field
 
+from optiserve.convert.formats import TORCH_FORMATS
+from optiserve.core.deps import require
 from optiserve.core.errors import first_line
 from optiserve.core.types import Signature
-from optiserve.passes.base import Artifact, PassContext, PassSkipped
+from optiserve.passes.base import Artifact, Pass, PassConfig, PassContext, PassSkipped
+from optiserve.passes.fx import graph_module
 
 log = logging.getLogger(__name__)
 
 LOSSES = {"cross_entropy": "cross-entropy against the labels", "mse": "MSE against the labels",
           "distill": "MSE against the original model's outputs"}
-TORCH_FORMATS = ("torchscript", "pt2")
-
-
-def require_torch_model(artifact: Artifact, name: str) -> None:
-    if artifact.format not in TORCH_FORMATS:
-        raise PassSkipped(f"{name} trains PyTorch models; this artifact is {artifact.format}")
-
-
 # -- data -----------------------------------------------------------------------------------
 def training_rows(artifact: Artifact, ctx: PassContext, name: str, *, keep: int | None = None,
                   seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray | None, int]:
@@ -61,9 +60,9 @@ def training_rows(artifact: Artifact, ctx: PassContext, name: str, *, keep: int 
             raise PassSkipped(f"the training data has no input '{spec.name}' (it has "
                               f"{', '.join(sorted(train.inputs))})")
         arr, want = np.asarray(train.inputs[spec.name]), np.dtype(spec.dtype)
-        if not spec.fits(arr.shape):
-            raise PassSkipped(f"training input '{spec.name}' has shape {list(arr.shape)}; the "
-                              f"model expects {list(spec.shape)} (-1: any size)")
+        wrong = spec.mismatch(arr.shape)
+        if wrong:
+            raise PassSkipped(f"training input '{spec.name}' {wrong}")
         if (arr.dtype.kind == "f") != (want.kind == "f"):
             raise PassSkipped(f"training input '{spec.name}' is {arr.dtype}; the model expects "
                               f"{want}")
@@ -76,6 +75,65 @@ def training_rows(artifact: Artifact, ctx: PassContext, name: str, *, keep: int 
         chosen = np.sort(np.random.default_rng(seed).choice(total, keep, replace=False))
     rows = {k: np.ascontiguousarray(v[chosen]) for k, v in rows.items()}
     return rows, None if labels is None else np.asarray(labels)[chosen], total
+
+
+class TrainingConfig(PassConfig):
+    """The training options every training pass has (a pass overrides a default where its
+    training differs: a smaller learning rate for fine-tuning, another loss set)."""
+
+    batch_size: int = Field(32, ge=1, description="Training rows per step.")
+    learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate.")
+    loss: Literal["auto", "cross_entropy", "mse", "distill"] = Field(
+        "auto", description="cross_entropy: against integer labels (class scores); mse: "
+        "against float labels; distill: mean squared error to the original model's outputs. "
+        "auto: cross_entropy when the labels and the output allow it, else distill.")
+    max_seconds: float = Field(
+        300, gt=0, description="Stop training once the pass has run this long; the steps "
+        "done so far are kept and the note says so.")
+    seed: int = Field(0, description="Seed of the batch order.")
+
+
+@dataclass
+class TrainingJob:
+    """What a training pass's `train()` starts from."""
+
+    torch: Any
+    data: dict[str, np.ndarray]  # the training inputs, in the model's dtypes
+    labels: np.ndarray | None
+    total: int  # rows given (data holds at most the rows the steps can read)
+    args: tuple  # two rows as tensors, to trace and check shapes with
+    gm: Any  # the model as an FX GraphModule
+    started: float  # time.monotonic() when the pass started (for max_seconds)
+
+
+class TrainingPass(Pass):
+    """A pass that trains the PyTorch model. `run()` is the template every one follows; a pass
+    says what torch is needed for (`feature`), how many rows to keep, and trains in
+    `train()`."""
+
+    formats = TORCH_FORMATS
+    feature: ClassVar[str]  # named when torch is missing, e.g. "Structured pruning"
+    Config: ClassVar[type[TrainingConfig]] = TrainingConfig
+
+    def rows(self, artifact: Artifact, config: Any, ctx: PassContext
+             ) -> tuple[dict[str, np.ndarray], np.ndarray | None, int]:
+        """(inputs, labels, rows given): by default as many rows as the steps read."""
+        return training_rows(artifact, ctx, self.name, keep=config.steps * config.batch_size,
+                             seed=config.seed)
+
+    def run(self, artifact: Artifact, config: Any, ctx: PassContext) -> Artifact:
+        self.check_format(artifact)
+        started = time.monotonic()
+        torch = require("torch", extra="torch", feature=self.feature)
+        data, labels, total = self.rows(artifact, config, ctx)
+        args = tuple(torch.from_numpy(data[s.name][:2]) for s in artifact.signature.inputs)
+        gm = graph_module(torch, artifact.path, artifact.format, args)
+        return self.train(artifact, config, ctx,
+                          TrainingJob(torch, data, labels, total, args, gm, started))
+
+    def train(self, artifact: Artifact, config: Any, ctx: PassContext, job: TrainingJob
+              ) -> Artifact:
+        raise NotImplementedError
 
 
 def loss_plan(loss: str, reference: list[np.ndarray],

@@ -40,7 +40,7 @@ from optiserve.runtimes.base import Runtime, load_runtime
 from optiserve.server.batching import ModelUnavailable
 from optiserve.server.errors import http_status
 from optiserve.server.metrics import UNKNOWN, Metrics, outcome
-from optiserve.server.served import LoadFailed, ServedVersion, warmup_inputs
+from optiserve.server.served import LoadFailed, ServedVersion
 
 log = logging.getLogger("optiserve.server")
 
@@ -436,9 +436,9 @@ class DataPlane:
             batchable = bool(spec.max_batch_size) and all(
                 t.shape and t.shape[0] == -1 for t in info.signature.inputs)
             for r in runtimes:
-                r.predict(warmup_inputs(info.signature, 1))
+                r.predict(info.signature.example_inputs(1))
             if batchable:
-                out = runtimes[0].predict(warmup_inputs(info.signature, 2))
+                out = runtimes[0].predict(info.signature.example_inputs(2))
                 if not all(a.ndim and a.shape[0] == 2 for a in out.values()):
                     log.warning("%s v%s: outputs are not one row per input row; batching off",
                                 name, info.version)

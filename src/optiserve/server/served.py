@@ -16,7 +16,6 @@ from optiserve.server.batching import Batcher
 from optiserve.server.metrics import Metrics, VersionStats
 from optiserve.server.tensors import TensorError, check_input, datatype, platform
 
-_WARMUP_SEQ = 8  # size given to dynamic dimensions other than the batch while warming up
 
 
 class LoadFailed(OptiserveError):
@@ -125,20 +124,6 @@ class ServedVersion:
         for r in self.runtimes:
             r.unload()
 
-
-
-def warmup_inputs(signature: Signature, rows: int) -> dict[str, np.ndarray]:
-    """Zeros of every input's dtype and shape: `rows` for the batch dimension, a short
-    sequence for the other dynamic ones."""
-    out = {}
-    for t in signature.inputs:
-        shape = [rows if i == 0 and d == -1 else (_WARMUP_SEQ if d == -1 else d)
-                 for i, d in enumerate(t.shape)]
-        if t.dtype in ("str", "object"):
-            out[t.name] = np.full(shape, "", dtype=object)
-        else:
-            out[t.name] = np.zeros(shape, dtype=np.dtype(t.dtype))
-    return out
 
 
 def _text(name: str, array: np.ndarray) -> np.ndarray:

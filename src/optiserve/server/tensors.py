@@ -167,10 +167,9 @@ def check_input(spec: TensorSpec, array: np.ndarray, given: str, *, allow_nan: b
     want = datatype(spec.dtype)
     if given != want:
         raise TensorError(f"Input '{spec.name}' has datatype {given}; the model takes {want}.")
-    if len(array.shape) != len(spec.shape) or any(
-            w != -1 and w != g for w, g in zip(spec.shape, array.shape)):
-        raise TensorError(f"Input '{spec.name}' has shape {list(array.shape)}; the model "
-                          f"takes {list(spec.shape)} (-1 = any size).")
+    wrong = spec.mismatch(array.shape, rows=False)  # a fixed batch size is checked too
+    if wrong:
+        raise TensorError(f"Input '{spec.name}' {wrong}.")
     if not allow_nan and array.dtype.kind == "f" and array.size and \
             not np.isfinite(array).all():
         raise TensorError(f"Input '{spec.name}' contains NaN or infinity, which this model "

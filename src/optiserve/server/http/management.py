@@ -26,10 +26,10 @@ from optiserve import api
 from optiserve.convert.detect import EXT_FORMAT, sniff
 from optiserve.convert.formats import EXTENSIONS
 from optiserve.core.errors import ConflictError, GateFailedError, UnsupportedUpload
-from optiserve.data.sources import DatasetSpec, confine, confine_path
-from optiserve.optimizer.pipeline import Optimizer
+from optiserve.data.sources import DatasetSpec, confine
 from optiserve.optimizer.request import (MAX_BATCH_SIZES, MAX_ITERATIONS, MAX_WARMUP,
                                          BatchSize, OptimizeRequest)
+from optiserve.passes.base import confine_files
 from optiserve.registry.registry import Registry, VersionInfo
 from optiserve.registry.runs import TERMINAL
 from optiserve.server.auth import scope
@@ -242,16 +242,12 @@ def _checked(request: OptimizeRequest, registry: Registry) -> OptimizeRequest:
     """Everything wrong with a request is a 4xx now, not a failed job later. File data must
     lie in the data folder; the model reference is pinned to the version seen now."""
     root = registry.settings.data_folder
-    configs = {name: dict(options) for name, options in request.pass_configs.items()}
-    if isinstance(configs.get("distillation", {}).get("student"), str):  # a model file
-        configs["distillation"]["student"] = confine_path(
-            configs["distillation"]["student"], root, "Student model file")
+    configs = confine_files(request.pass_configs, root)  # file-valued pass options
     request = request.model_copy(update={
         "validation_dataset": confine(request.validation_dataset, root),
         "calibration_dataset": confine(request.calibration_dataset, root),
         "training_dataset": confine(request.training_dataset, root), "pass_configs": configs})
-    version, _, _ = Optimizer(registry, request).prepare()
-    return request.model_copy(update={"model_id": version.ref})
+    return api.prepare_optimize(request, registry=registry)
 
 
 @router.post("/inference/optimize", tags=["optimizations"], status_code=202,
