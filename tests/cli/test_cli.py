@@ -54,12 +54,36 @@ def test_register_optimize_benchmark_list(tmp_path, optiserve_home):
 
 
 @pytest.mark.slow
+def test_optimize_reads_the_rest_body_from_a_file(tmp_path, optiserve_home):
+    """--config holds the body of POST /api/v1/inference/optimize (the seed's
+    quantization_config included); flags and --set go over it."""
+    model = save_onnx(linear_onnx(8, 3), tmp_path / "lin.onnx")
+    assert cli("register", "lin", str(model), home=optiserve_home).returncode == 0
+    (tmp_path / "req.yaml").write_text(
+        "optimizations: [quantization]\n"
+        "quantization_config: {method: dynamic, precision: int8}\n"
+        "accuracy_threshold: 0.5\niterations: 20\nwarmup: 2\n")
+    opt = cli("optimize", "lin", "--config", str(tmp_path / "req.yaml"), "--threshold", "0.9",
+              "--set", "quantization.per_channel=false", "--json", "--details",
+              home=optiserve_home)
+    assert opt.returncode == 0, opt.stderr
+    details = json.loads(opt.stdout)["details"]
+    assert details["threshold"] == 0.9
+    configs = [p["config"] for c in details["candidates"] for p in c["passes"]
+               if p["name"] == "quantization"]
+    assert configs and all(c["method"] == "dynamic" and c["per_channel"] is False
+                           for c in configs)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("args, needle", [
     (("register", "m", "missing.onnx"), "no such file"),
     (("optimize", "nobody"), "No model 'nobody'"),
     (("optimize", "m", "--threshold", "1.5"), "accuracy_threshold' is invalid: Input should be less than or equal to 1"),
     (("optimize", "m", "--opt", "bogus"), "Unknown optimization 'bogus'"),
     (("optimize", "m", "--set", "quantization.colour=red"), "colour"),
+    (("optimize", "m", "--set", "quantization=static"), "is not PASS.OPTION=VALUE"),
+    (("optimize", "m", "--config", "/nonexistent/req.yaml"), "Cannot read"),
     (("optimize", "m", "--validation-sql", "DELETE FROM t"), "not a SELECT"),
     (("benchmark", "m", "--batch-sizes", "1,x"), "comma-separated integers"),
 ])

@@ -57,9 +57,27 @@ def test_deploy_list_and_undeploy(two_versions, optiserve_home):
     assert two_versions.delete_model("m") == 2
 
 
+def test_settings_from_a_file_and_set_are_the_rest_body(two_versions, optiserve_home, tmp_path):
+    """--config holds the body of PUT /api/v1/deployments/NAME; --set and flags go over it."""
+    (tmp_path / "m.yaml").write_text(
+        "versions: {specific: [1]}\nmax_batch_size: 16\ninstances: 2\n"
+        "predict: {softmax: true, labels: [a, b]}\n")
+    proc = cli("deploy", "m", "--config", str(tmp_path / "m.yaml"), "--max-batch-size", "8",
+               "--set", "predict.top_k=1", "--set", "threads=1", "--json", home=optiserve_home)
+    assert proc.returncode == 0, proc.stderr
+    spec = json.loads(proc.stdout)["spec"]
+    assert (spec["versions"]["specific"], spec["max_batch_size"], spec["instances"],
+            spec["threads"]) == ([1], 8, 2, 1)
+    assert (spec["predict"]["softmax"], spec["predict"]["labels"], spec["predict"]["top_k"]) \
+        == (True, ["a", "b"], 1)
+
+
 @pytest.mark.parametrize("args, needle", [
     (("deploy", "ghost"), "No model 'ghost'"),
     (("deploy", "m", "--versions", "latest:x"), "comma-separated integers"),
+    (("deploy", "m", "--set", "max_batch_size"), "is not KEY=VALUE"),
+    (("deploy", "m", "--set", "max_batch_size=-3"), "max_batch_size"),
+    (("deploy", "m", "--config", "/nonexistent/m.yaml"), "Cannot read"),
     (("undeploy", "ghost"), "No deployment 'ghost'"),
 ])
 def test_user_mistakes_are_one_line_and_exit_2(two_versions, optiserve_home, args, needle):

@@ -132,16 +132,15 @@ def register(name: str = typer.Argument(..., help="Model name in the registry, e
 @app.command()
 def optimize(
     model: str = typer.Argument(..., help="MODEL or MODEL:VERSION."),
-    opt: str = typer.Option("onnx_conversion,quantization", "--opt",
-                            help="Passes, comma-separated, in order; 'auto' tries every pass "
-                            "that can pay off on this machine."),
-    quant_method: Optional[str] = typer.Option(None, help="Quantization method: dynamic or "
-                                               "static; default: try both."),
-    quant_precision: str = typer.Option("int8", help="Quantization precision."),
-    per_channel: Optional[bool] = typer.Option(None, "--per-channel/--per-tensor",
-                                               help="Weight scales; default: try both."),
-    pass_config: list[str] = typer.Option(None, "--set", help="PASS.OPTION=VALUE (JSON value), "
-                                          "e.g. graph_optimization.num_heads=12."),
+    opt: Optional[str] = typer.Option(
+        None, "--opt", help="Passes, comma-separated, in order (default "
+        "onnx_conversion,quantization); 'auto' tries every pass that can pay off here."),
+    pass_config: list[str] = typer.Option(
+        None, "--set", help="PASS.OPTION=VALUE (a JSON value, else text), any pass's option, "
+        "e.g. quantization.method=static or graph_optimization.num_heads=12."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", help="YAML or JSON file holding the optimize request: the body of "
+        "POST /api/v1/inference/optimize (options given here go over it)."),
     validation_sql: Optional[str] = typer.Option(None, help="SELECT returning validation rows."),
     validation_file: Optional[str] = typer.Option(None, help="CSV, Parquet or NPZ file."),
     data_source: Optional[str] = typer.Option(None, help="Named SQL data source."),
@@ -153,9 +152,11 @@ def optimize(
         None, help="Labelled rows for the passes that train: pruning, lottery_ticket, "
         "structured_pruning, distillation, low_rank, qat (CSV, Parquet, NPZ)."),
     threshold: Optional[float] = typer.Option(None, help="Keep this fraction of the metric."),
-    batch_sizes: str = typer.Option("1", help="Batch sizes to benchmark; the first decides."),
-    iterations: int = typer.Option(200, help="Timed calls per candidate and batch size."),
-    warmup: int = typer.Option(20, help="Untimed calls first."),
+    batch_sizes: Optional[str] = typer.Option(
+        None, help="Batch sizes to benchmark (default 1); the first decides."),
+    iterations: Optional[int] = typer.Option(
+        None, help="Timed calls per candidate and batch size (default 200)."),
+    warmup: Optional[int] = typer.Option(None, help="Untimed calls first (default 20)."),
     as_json: bool = typer.Option(False, "--json", help="Print the seed's response JSON."),
     details: bool = typer.Option(False, "--details", help="With --json: every candidate too."),
 ):
@@ -163,31 +164,25 @@ def optimize(
     from optiserve.api import optimize as api_optimize
     from optiserve.data.sources import parse_spec
 
-    quant = {"precision": quant_precision, **({"method": quant_method} if quant_method else {})}
-    if per_channel is not None:
-        quant["per_channel"] = per_channel
-    configs: dict[str, dict] = {}
-    for item in pass_config or []:
-        key, eq, value = item.partition("=")
-        pname, dot, option = key.partition(".")
-        if not (eq and dot):
-            raise OptiserveError(f"--set {item!r} is not PASS.OPTION=VALUE.")
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        configs.setdefault(pname, {})[option] = parsed
+    body = _read_body(config) if config else {}
+    body["model_id"] = model
     spec = parse_spec(sql=validation_sql, path=validation_file, label=label_column,
                       data_source=data_source)
-    passes = _csv(opt)
-    body = {"model_id": model, "optimizations": passes,
-            "quantization_config": quant if {"quantization", "auto"} & set(passes) else None,
-            "pass_configs": configs, "accuracy_threshold": threshold,
-            "validation_dataset": spec.model_dump() if spec else None,
-            "calibration_dataset": _file_spec(calibration_file, None),
-            "training_dataset": _file_spec(training_file, label_column),
-            "batch_sizes": _ints(batch_sizes, "--batch-sizes"), "iterations": iterations,
-            "warmup": warmup}
+    given = {"optimizations": _csv(opt) if opt else None, "accuracy_threshold": threshold,
+             "validation_dataset": spec.model_dump() if spec else None,
+             "calibration_dataset": _file_spec(calibration_file, None),
+             "training_dataset": _file_spec(training_file, label_column),
+             "batch_sizes": _ints(batch_sizes, "--batch-sizes") if batch_sizes else None,
+             "iterations": iterations, "warmup": warmup}
+    body.update({k: v for k, v in given.items() if v is not None})
+    configs = body.setdefault("pass_configs", {})
+    if not isinstance(configs, dict):
+        raise OptiserveError("pass_configs must map pass names to their options.")
+    for item in pass_config or []:
+        if "." not in item.partition("=")[0]:
+            raise OptiserveError(f"--set {item!r} is not PASS.OPTION=VALUE.",
+                                 hint="E.g. --set quantization.method=static.")
+    _apply_sets(configs, pass_config)
     registry = _registry()
     try:
         with progress_bar(f"optimizing {model}") as update:
@@ -426,51 +421,54 @@ def _log_to_terminal(level: str) -> None:
 def deploy(name: str = typer.Argument(..., help="Name to serve under (default model: the "
                                       "registered model of this name)."),
            model: Optional[str] = typer.Option(None, help="Registered model to serve."),
-           versions: str = typer.Option("latest:1", help="latest:N (the newest N ready "
-                                        "versions) or a list of version numbers, e.g. 2,3."),
-           max_batch_size: int = typer.Option(64, help="Most rows per batch; 0 = no batching."),
-           max_queue_delay_us: int = typer.Option(0, help="Longest an incomplete batch waits "
-                                                  "for more requests; 0 = never waits."),
-           preferred_batch_size: str = typer.Option("", help="Comma-separated batch sizes to "
-                                                    "cut at, e.g. 16,32."),
-           max_queue_size: int = typer.Option(1024, help="Requests that may wait per version; "
-                                              "beyond it: 429."),
-           timeout_ms: int = typer.Option(30_000, help="Longest a request may wait in the "
-                                          "queue; 0 = no limit."),
-           instances: int = typer.Option(1, help="Sessions per version, run in threads."),
-           threads: Optional[int] = typer.Option(None, help="Intra-op threads per instance "
-                                                 "(default: cores / instances)."),
-           allow_nan: bool = typer.Option(False, help="Let NaN/inf inputs through."),
-           labels: Optional[Path] = typer.Option(None, help="/predict: class names, one per "
-                                                 "line (top-k answers carry them)."),
-           top_k: Optional[int] = typer.Option(None, help="/predict: answer the k best "
-                                               "classes (default 5 with --labels)."),
-           softmax: bool = typer.Option(False, help="/predict: turn logits into "
-                                        "probabilities."),
-           image_size: Optional[str] = typer.Option(None, help="/predict images: resize the "
-                                                    "shorter side to N, or to HxW."),
-           crop: Optional[str] = typer.Option(None, help="/predict images: center crop HxW."),
-           mean: Optional[str] = typer.Option(None, help="/predict images: per-channel mean "
-                                              "after scaling to 0..1, e.g. 0.485,0.456,0.406."),
-           std: Optional[str] = typer.Option(None, help="/predict images: per-channel std."),
-           grayscale: bool = typer.Option(False, help="/predict images: one channel (L)."),
-           layout: str = typer.Option("NCHW", help="/predict images: NCHW or NHWC."),
+           versions: Optional[str] = typer.Option(
+               None, help="latest:N (the newest N ready versions; default latest:1) or a list "
+               "of version numbers, e.g. 2,3."),
+           max_batch_size: Optional[int] = typer.Option(
+               None, help="Most rows per batch; 0 = no batching (default 64)."),
+           max_queue_delay_us: Optional[int] = typer.Option(
+               None, help="Longest an incomplete batch waits for more requests; 0 = never "
+               "waits (default)."),
+           preferred_batch_size: Optional[str] = typer.Option(
+               None, help="Comma-separated batch sizes to cut at, e.g. 16,32."),
+           max_queue_size: Optional[int] = typer.Option(
+               None, help="Requests that may wait per version; beyond it: 429 (default 1024)."),
+           timeout_ms: Optional[int] = typer.Option(
+               None, help="Longest a request may wait in the queue; 0 = no limit (default "
+               "30000)."),
+           instances: Optional[int] = typer.Option(
+               None, help="Sessions per version, run in threads (default 1)."),
+           threads: Optional[int] = typer.Option(
+               None, help="Intra-op threads per instance (default: cores / instances)."),
+           allow_nan: Optional[bool] = typer.Option(
+               None, "--allow-nan/--no-allow-nan", help="Let NaN/inf inputs through."),
+           config: Optional[Path] = typer.Option(
+               None, "--config", help="YAML or JSON file holding the deployment settings: the "
+               "body of PUT /api/v1/deployments/NAME (the options above and `predict`)."),
+           sets: list[str] = typer.Option(
+               None, "--set", help="KEY=VALUE (a JSON value, else text) over the settings; "
+               "dotted keys reach inside, e.g. predict.top_k=5 or predict.image.resize=224."),
            as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
     """Deploy a registered model: loaded and warmed up here as a check, then stored; servers
-    load it when they start or on POST /v2/repository/models/NAME/load."""
+    load it when they start or on POST /v2/repository/models/NAME/load. Settings not given
+    take their defaults (an existing deployment's are replaced)."""
     from optiserve.api import deploy as deploy_model
 
-    if versions.startswith("latest:"):
-        policy = {"latest": _ints(versions.removeprefix("latest:"), "--versions latest:")[0]}
-    else:
-        policy = {"specific": _ints(versions, "--versions")}
-    settings = {"model": model or name, "versions": policy, "max_batch_size": max_batch_size,
-                "max_queue_delay_us": max_queue_delay_us,
-                "preferred_batch_sizes": _ints(preferred_batch_size, "--preferred-batch-size"),
-                "max_queue_size": max_queue_size, "timeout_ms": timeout_ms,
-                "instances": instances, "threads": threads, "allow_nan": allow_nan,
-                "predict": _predict_settings(labels, top_k, softmax, image_size, crop, mean,
-                                             std, grayscale, layout)}
+    settings = _read_body(config) if config else {}
+    if versions is not None:
+        settings["versions"] = (
+            {"latest": _ints(versions.removeprefix("latest:"), "--versions latest:")[0]}
+            if versions.startswith("latest:") else {"specific": _ints(versions, "--versions")})
+    if preferred_batch_size is not None:
+        settings["preferred_batch_sizes"] = _ints(preferred_batch_size,
+                                                  "--preferred-batch-size")
+    given = {"model": model, "max_batch_size": max_batch_size,
+             "max_queue_delay_us": max_queue_delay_us, "max_queue_size": max_queue_size,
+             "timeout_ms": timeout_ms, "instances": instances, "threads": threads,
+             "allow_nan": allow_nan}
+    settings.update({k: v for k, v in given.items() if v is not None})
+    _apply_sets(settings, sets)
+    settings.setdefault("model", name)
     registry = _registry()
     loaded = deploy_model(name, settings, replace=True, registry=registry)
     spec = registry.deployments.get(name).spec
@@ -484,40 +482,48 @@ def deploy(name: str = typer.Argument(..., help="Name to serve under (default mo
                   f"{v['max_batch_size']})")
 
 
-def _predict_settings(labels, top_k, softmax, image_size, crop, mean, std, grayscale,
-                      layout) -> dict | None:
-    """The deployment's `predict` settings from deploy's options; None when none is given."""
-    def size(text: str, what: str) -> int | list[int]:
-        parts = _ints(text.lower().replace("x", ","), what)
-        return parts[0] if len(parts) == 1 else parts
+def _read_body(path: Path) -> dict:
+    """A request body from a YAML or JSON file (JSON is YAML too)."""
+    import yaml
 
-    def floats(text: str, what: str) -> list[float]:
-        try:
-            return [float(p) for p in _csv(text)]
-        except ValueError:
-            raise OptiserveError(f"{what} {text!r} must be comma-separated numbers.") from None
-
-    image = {k: v for k, v in {
-        "resize": size(image_size, "--image-size") if image_size else None,
-        "crop": (lambda c: [c, c] if isinstance(c, int) else c)(size(crop, "--crop"))
-        if crop else None,
-        "mean": floats(mean, "--mean") if mean else None,
-        "std": floats(std, "--std") if std else None,
-        "color": "L" if grayscale else None,
-        "layout": layout if layout != "NCHW" else None}.items() if v is not None}
-    predict = {k: v for k, v in {
-        "labels": _labels(labels) if labels else None, "top_k": top_k,
-        "softmax": softmax or None, "image": image or None}.items() if v is not None}
-    return predict or None
-
-
-def _labels(path: Path) -> list[str]:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        body = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise OptiserveError(f"Cannot read the labels file {path}: {exc.strerror}.",
-                             hint="Give a text file with one class name per line.") from None
-    return [line.strip() for line in lines if line.strip()]
+        raise OptiserveError(f"Cannot read {path}: {exc.strerror}.") from None
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise OptiserveError(f"{path} is not valid YAML or JSON{at}.",
+                             hint="Give the body of the REST request as YAML or JSON.") from None
+    if body is None:
+        return {}
+    if not isinstance(body, dict):
+        raise OptiserveError(f"{path} holds a {type(body).__name__}, not a mapping of settings.",
+                             hint="Give the body of the REST request as YAML or JSON.")
+    return body
+
+
+def _apply_sets(body: dict, sets: list[str] | None) -> dict:
+    """Each --set KEY=VALUE (dotted KEY: nested) written into `body`; VALUE is read as JSON
+    (numbers, true/false, lists, objects), else taken as text."""
+    for item in sets or []:
+        key, eq, value = item.partition("=")
+        path = key.strip().split(".")
+        if not eq or not all(path):
+            raise OptiserveError(f"--set {item!r} is not KEY=VALUE.",
+                                 hint="E.g. --set quantization.method=static.")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        node = body
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise OptiserveError(f"--set {item!r}: '{part}' is a value, not a group of "
+                                     "options.")
+        node[path[-1]] = parsed
+    return body
 
 
 @app.command()

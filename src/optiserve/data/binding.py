@@ -105,19 +105,10 @@ def _stack(columns, signature, feature_names, description: str = "") -> np.ndarr
             f"The data{f' ({description})' if description else ''} has no columns for the "
             f"model's input {spec.describe()}.",
             hint="Give the feature columns (or an array named after the input).")
-    width = spec.shape[1] if len(spec.shape) == 2 else -1
-    order = feature_names or list(columns)
-    if feature_names:
-        missing = [c for c in feature_names if c not in columns]
-        if missing:
-            raise SignatureMismatchError(
-                f"The model was trained on features the validation data lacks: {missing}.",
-                hint="Select those columns in the query or file.")
-    if width not in (-1, len(order)):
-        raise SignatureMismatchError(
-            f"The model's input '{spec.name}' has {width} features; the validation data has "
-            f"{len(order)} columns besides the label ({', '.join(order)}).",
-            hint="Select exactly the model's feature columns (and name the label column).")
+    order = feature_columns(list(columns), spec, feature_names,
+                            "the validation data (besides the label)",
+                            fix="Select exactly the model's feature columns (and name the "
+                            "label column).")
     bad = [c for c in order if columns[c].dtype.kind not in "biuf"]
     if bad:
         raise SignatureMismatchError(f"Columns {bad} are not numeric.",
@@ -128,6 +119,39 @@ def _stack(columns, signature, feature_names, description: str = "") -> np.ndarr
             + ", ".join(f"{c}:{_shape(columns[c])}" for c in order) + ".",
             hint="Give every column one value per row.")
     return _fit(np.column_stack([columns[c] for c in order]), spec)
+
+
+def feature_columns(columns: list[str], spec: TensorSpec, feature_names: list | None,
+                    data: str, *, strict: bool = False, fix: str = "") -> list[str]:
+    """The columns that feed a model's one 2-D input, in order: the feature names it recorded
+    when trained (each must be among `columns`; with `strict`, nothing else may be), else
+    `columns` as given, exactly as many as the input is wide. Validation data and /predict
+    records are both read this way; `data` names them in errors ("the records")."""
+    if feature_names:
+        order = [str(c) for c in feature_names]
+        missing = [c for c in order if c not in columns]
+        unknown = [c for c in columns if c not in order] if strict else []
+        if missing or unknown:
+            raise SignatureMismatchError(
+                f"The features the model was trained on do not match {data}: "
+                + "; ".join(part for part in (
+                    f"missing {quoted(missing)}" if missing else "",
+                    f"unknown {quoted(unknown)}" if unknown else "") if part) + ".",
+                hint=f"Its features, in order: {', '.join(order)}.")
+        return order
+    width = spec.shape[1] if len(spec.shape) == 2 else -1
+    if width not in (-1, len(columns)):
+        raise SignatureMismatchError(
+            f"The model's input '{spec.name}' takes {width} features; {data} hold "
+            f"{len(columns)} columns ({', '.join(columns)}).",
+            hint=fix or f"Give exactly {width} columns, in the model's feature order.")
+    return list(columns)
+
+
+def quoted(names: list[str]) -> str:
+    """'a', 'b', 'c' (at most 20 named, then how many more)."""
+    shown = ", ".join(f"'{n}'" for n in names[:20])
+    return shown + (f" and {len(names) - 20} more" if len(names) > 20 else "")
 
 
 def _fit(array: np.ndarray, spec: TensorSpec) -> np.ndarray:

@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException
 
 from optiserve.core.errors import (ConfigError, ConflictError, OptiserveError, UnsupportedUpload,
                                    first_line)
+from optiserve.data.binding import feature_columns, quoted
 from optiserve.core.types import TensorSpec
 from optiserve.registry.deployments import ImageSpec, PredictSpec
 from optiserve.server.auth import scope
@@ -248,29 +249,14 @@ def _from_records(records: object, served) -> dict[str, tuple[np.ndarray, str]]:
             out[t.name] = (array, datatype(t.dtype))
         return out
     if len(specs) == 1 and len(specs[0].shape) == 2:
-        # the features of the model's one 2-D input
+        # the features of the model's one 2-D input (without recorded feature names, in the
+        # order of the first record's keys)
         t = specs[0]
-        width = t.shape[1]
-        if isinstance(feature_names, list) and feature_names:
-            order = [str(c) for c in feature_names]
-            missing = [c for c in order if c not in columns]
-            unknown = [c for c in columns if c not in order]
-            if missing or unknown:
-                raise PredictError(
-                    "The records do not match the features the model was trained on: "
-                    + "; ".join(part for part in (
-                        f"missing {_names(missing)}" if missing else "",
-                        f"unknown {_names(unknown)}" if unknown else "") if part) + ".",
-                    hint=f"Its features, in order: {', '.join(order)}.")
-        else:
-            order = columns
-            if width not in (-1, len(order)):
-                raise PredictError(
-                    f"Input '{t.name}' of model '{served.name}' takes {width} features; the "
-                    f"records have {len(order)} columns ({', '.join(order)}).",
-                    hint=f"Send exactly {width} columns per record, in the model's feature "
-                    "order (the model recorded no feature names, so the order of the first "
-                    "record's keys is used).")
+        order = feature_columns(columns, t, feature_names if isinstance(feature_names, list)
+                                else None, "the records", strict=True,
+                                fix=f"Send exactly {t.shape[1]} columns per record, in the "
+                                "model's feature order (the model recorded no feature names, "
+                                "so the order of the first record's keys is used).")
         _no_missing(records, order)
         array = _tensor([[r[c] for c in order] for r in records], t,
                         lambda p: f"column '{order[p[1]]}' of record {p[0]}"
@@ -279,8 +265,8 @@ def _from_records(records: object, served) -> dict[str, tuple[np.ndarray, str]]:
     missing = [n for n in names if n not in columns]
     unknown = [c for c in columns if c not in names]
     raise PredictError(
-        f"Model '{served.name}' takes inputs {_names(names)}; the records lack "
-        f"{_names(missing)}" + (f" and have unknown columns {_names(unknown)}" if unknown
+        f"Model '{served.name}' takes inputs {quoted(names)}; the records lack "
+        f"{quoted(missing)}" + (f" and have unknown columns {quoted(unknown)}" if unknown
                                 else "") + ".",
         hint="Give each record one column per model input, named as the input.")
 
@@ -288,7 +274,7 @@ def _from_records(records: object, served) -> dict[str, tuple[np.ndarray, str]]:
 def _no_unknown(columns: list[str], known: list[str], served, what: str) -> None:
     unknown = [c for c in columns if c not in known]
     if unknown:
-        raise PredictError(f"The records have unknown columns {_names(unknown)}.",
+        raise PredictError(f"The records have unknown columns {quoted(unknown)}.",
                            hint=f"Model '{served.name}' {what}: {', '.join(known)}.")
 
 
@@ -296,7 +282,7 @@ def _no_missing(records: list[dict], columns: list[str]) -> None:
     for i, r in enumerate(records):
         missing = [c for c in columns if c not in r]
         if missing:
-            raise PredictError(f"Record {i} lacks {_names(missing)}.",
+            raise PredictError(f"Record {i} lacks {quoted(missing)}.",
                                hint="Every record needs the same columns: "
                                + ", ".join(columns) + ".")
 
@@ -413,11 +399,6 @@ def _show(v: object) -> str:
 def _kind(v: object) -> str:
     return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
             float: "number", type(None): "null"}.get(type(v), type(v).__name__)
-
-
-def _names(names: list[str]) -> str:
-    shown = ", ".join(f"'{n}'" for n in names[:20])
-    return shown + (f" and {len(names) - 20} more" if len(names) > 20 else "")
 
 
 # -- images ---------------------------------------------------------------------------------
