@@ -27,9 +27,13 @@ class TensorSpec(BaseModel):
     def fits(self, shape: tuple[int, ...], *, rows: bool = True) -> bool:
         """Whether an array of `shape` fits this tensor: the same rank and every fixed
         dimension equal; with `rows`, any number of rows (the first dimension is free)."""
-        skip = 1 if rows else 0
-        return len(shape) == len(self.shape) and all(
-            d in (-1, g) for d, g in zip(self.shape[skip:], shape[skip:]))
+        mine = self.shape
+        if len(shape) != len(mine):
+            return False
+        for i in range(1 if rows else 0, len(mine)):  # a loop: it runs on every request
+            if mine[i] != -1 and mine[i] != shape[i]:
+                return False
+        return True
 
     def mismatch(self, shape: tuple[int, ...], *, rows: bool = True) -> str | None:
         """Why an array of `shape` does not fit (None if it does): the one wording every check

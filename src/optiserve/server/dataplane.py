@@ -21,7 +21,6 @@ records why.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 import time
@@ -51,7 +50,7 @@ CANCELLED = 499  # counted like nginx's "client closed request": the client gave
 Inputs = dict[str, tuple[np.ndarray, str]]  # input name -> (array, V2 datatype)
 
 
-@dataclass
+@dataclass(slots=True)
 class Payload:
     """What a face read from a request's body."""
 
@@ -61,7 +60,7 @@ class Payload:
     id: str | None = None  # the request's id, echoed in the answer
 
 
-@dataclass
+@dataclass(slots=True)
 class InferRequest:
     """One inference request, as every face hands it to `DataPlane.infer`.
 
@@ -78,7 +77,7 @@ class InferRequest:
     received: float = field(default_factory=time.perf_counter)  # when the face got it
 
 
-@dataclass
+@dataclass(slots=True)
 class InferResponse:
     """The outputs of one request and the version that computed them."""
 
@@ -129,13 +128,18 @@ class DataPlane:
         try:
             served = self.route(request.model, request.version)
             payload = request.payload
-            if callable(payload):
+            if not isinstance(payload, Payload):  # decoded for the version that answers
                 payload = payload(served)
-                if inspect.isawaitable(payload):
+                if not isinstance(payload, Payload):
                     payload = await payload
             arrays = served.check(payload.inputs, payload.outputs)
-            timeout = _queue_limit(payload.timeout_s, served, request.deadline_s)
-            outputs = await self._submit(served, arrays, payload.outputs, timeout, request.split)
+            timeout = (served.batcher.timeout_s  # the common case, without a call
+                       if payload.timeout_s is None and request.deadline_s is None
+                       else _queue_limit(payload.timeout_s, served, request.deadline_s))
+            if request.split and served.max_batch_size:
+                outputs = await self._split(served, arrays, payload.outputs, timeout)
+            else:  # the protocol's contract: more rows than the version batches are refused
+                outputs = await served.batcher.submit(arrays, payload.outputs, timeout)
             status = 200
             return InferResponse(served, outputs, arrays, payload.id)
         except OptiserveError as exc:
@@ -152,16 +156,16 @@ class DataPlane:
         return self.get(name, version)
 
     @staticmethod
-    async def _submit(served: ServedVersion, arrays: dict[str, np.ndarray],
-                      outputs: list[str] | None, timeout_s: float | None, split: bool
-                      ) -> dict[str, np.ndarray]:
-        """The split policy: a request with more rows than the version batches is refused
-        (the protocol's contract, which Triton's clients expect) unless the face asked to
-        split it; then its parts, max_batch_size rows each, queue in parallel."""
+    async def _split(served: ServedVersion, arrays: dict[str, np.ndarray],
+                     outputs: list[str] | None, timeout_s: float | None
+                     ) -> dict[str, np.ndarray]:
+        """The split policy, for a face that asks for it: a request with more rows than the
+        version batches queues in parts of max_batch_size rows, in parallel, joined in order.
+        Without it (/v2 and gRPC: Triton's contract) the batcher refuses it ("at most N")."""
         size = served.max_batch_size
         first = next(iter(arrays.values()), None)
         rows = first.shape[0] if first is not None and first.ndim else None
-        if not (split and size and rows is not None and rows > size):
+        if rows is None or rows <= size:
             return await served.batcher.submit(arrays, outputs, timeout_s)
         parts = await asyncio.gather(
             *(served.batcher.submit({n: a[i:i + size] for n, a in arrays.items()}, outputs,

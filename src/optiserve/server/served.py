@@ -53,12 +53,12 @@ class ServedVersion:
     def check(self, inputs: dict[str, tuple[np.ndarray, str]],
               outputs: list[str] | None) -> dict[str, np.ndarray]:
         """Inputs (array, V2 datatype) fit the model; the arrays, in the model's order."""
-        unknown = [n for n in inputs if n not in self.inputs]
-        if unknown:
-            raise TensorError(f"Model '{self.name}' has no input '{unknown[0]}'.",
-                              hint=f"Its inputs: {', '.join(self.inputs)}.")
-        missing = [n for n in self.inputs if n not in inputs]
-        if missing:
+        if inputs.keys() != self.inputs.keys():
+            unknown = [n for n in inputs if n not in self.inputs]
+            if unknown:
+                raise TensorError(f"Model '{self.name}' has no input '{unknown[0]}'.",
+                                  hint=f"Its inputs: {', '.join(self.inputs)}.")
+            missing = [n for n in self.inputs if n not in inputs]
             raise TensorError(f"Input '{missing[0]}' of model '{self.name}' is missing.",
                               hint=f"Its inputs: {', '.join(self.inputs)}.")
         for name in outputs or ():

@@ -8,6 +8,7 @@ names the tensor, what was wrong and what the model takes.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 
@@ -32,6 +33,7 @@ class TensorError(OptiserveError):
     """An input or output that does not fit the protocol or the model."""
 
 
+@functools.lru_cache(maxsize=256)  # asked twice per request, of a handful of dtypes
 def datatype(dtype: str | np.dtype) -> str:
     """The V2 datatype of a numpy dtype (or dtype name); strings and objects are BYTES."""
     d = np.dtype(dtype) if not (isinstance(dtype, str) and dtype in ("str", "object")) \
@@ -167,9 +169,8 @@ def check_input(spec: TensorSpec, array: np.ndarray, given: str, *, allow_nan: b
     want = datatype(spec.dtype)
     if given != want:
         raise TensorError(f"Input '{spec.name}' has datatype {given}; the model takes {want}.")
-    wrong = spec.mismatch(array.shape, rows=False)  # a fixed batch size is checked too
-    if wrong:
-        raise TensorError(f"Input '{spec.name}' {wrong}.")
+    if not spec.fits(array.shape, rows=False):  # a fixed batch size is checked too
+        raise TensorError(f"Input '{spec.name}' {spec.mismatch(array.shape, rows=False)}.")
     if not allow_nan and array.dtype.kind == "f" and array.size and \
             not np.isfinite(array).all():
         raise TensorError(f"Input '{spec.name}' contains NaN or infinity, which this model "

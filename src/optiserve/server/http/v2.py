@@ -185,11 +185,17 @@ class OIPRest:
     # -- inference ------------------------------------------------------------------------------
     async def _infer(self, scope, receive, name: str, version: str | None, started: float):
         """Decode for the data plane, encode its answer; it counts the request."""
+        try:
+            body, unread = await self._body(scope, receive), None
+        except OptiserveError as exc:  # raised by decode: counted under the version too
+            body, unread = b"", exc
         wanted: list[tuple[str, bool]] = []
         binary = [False]
 
-        async def decode(_served) -> Payload:
-            request, raw = _split(scope, await self._body(scope, receive))
+        def decode(_served) -> Payload:  # in infer: a mistake counts under its version
+            if unread is not None:
+                raise unread
+            request, raw = _split(scope, body)
             inputs, asked, binary[0], timeout_s = _parse(request, raw)
             wanted.extend(asked)
             return Payload(inputs, [w[0] for w in asked] or None, timeout_s,
@@ -303,8 +309,8 @@ def _response(response: InferResponse, wanted: list[tuple[str, bool]], binary_de
         else:
             entry["data"] = json_data(array)
         outputs.append(entry)
-    body = {"model_name": response.model, "model_version": response.version,
-            "outputs": outputs}
+    served = response.served
+    body = {"model_name": served.name, "model_version": served.version, "outputs": outputs}
     if response.id is not None:
         body["id"] = response.id
     header = orjson.dumps(body, option=_NUMPY)
