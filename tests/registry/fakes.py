@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from optiserve.core.types import Signature, TensorSpec
 from optiserve.registry import Registry
 
@@ -16,12 +14,7 @@ class FailingInsertRegistry(Registry):
 
     stored_before_insert: bool | None = None
 
-    def _insert(self, name, uri, *args, **kwargs):
-        self.stored_before_insert = stored(self, uri)
+    def _insert(self, name, path, suffix, stored_as, *args, **kwargs):
+        self.stored_before_insert = self.store.exists(stored_as[0])
         raise RuntimeError("database went away")
 
-
-def stored(reg: Registry, uri: str) -> bool:
-    if reg.store._local:
-        return Path(uri).is_file()
-    return reg.store.fs.exists(uri.split("://", 1)[1])

@@ -26,7 +26,8 @@ _CLASS = re.compile(r"^class (\w+)\(([^)]*)\):", re.M)
 # the gRPC codes an HTTP status may pair with (4xx the caller's to fix: more than one fits)
 _PAIRS = {401: {"UNAUTHENTICATED"}, 403: {"PERMISSION_DENIED"}, 404: {"NOT_FOUND"},
           429: {"RESOURCE_EXHAUSTED"}, 500: {"INTERNAL"}, 503: {"UNAVAILABLE"},
-          504: {"DEADLINE_EXCEEDED"}}
+          504: {"DEADLINE_EXCEEDED"}, 507: {"RESOURCE_EXHAUSTED"},
+          408: {"INVALID_ARGUMENT", "DEADLINE_EXCEEDED"}}
 
 
 def every_error_class() -> set[type]:

@@ -260,7 +260,9 @@ def test_repository_index_load_and_unload(serve):
     assert not t.is_model_ready("lin", headers=h())
     assert status_of(lambda: t.infer("lin", [infer_input(rows(1))], headers=h())) == \
         "StatusCode.NOT_FOUND"
-    t.load_model("lin", headers=h())  # a new deployment of the model of its name
+    t.load_model("lin", headers=h())  # unload kept the settings, as Triton does
+    c = t.get_model_config("lin", headers=h()).config
+    assert (c.max_batch_size, c.instance_group[0].count) == (4, 2)
     np.testing.assert_allclose(t.infer("lin", [infer_input(rows(2))], headers=h()).as_numpy("y"),
                                g.expected(rows(2))[0], rtol=1e-6, atol=1e-6)
 

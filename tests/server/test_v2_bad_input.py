@@ -215,7 +215,7 @@ def test_malformed_requests(bad):
         ("load config with a bad field", ("POST", "/v2/repository/models/lin/load", {"json": {
             "parameters": {"config": '{"max_batch_sise": 3}'}}}), 400, ["max_batch_sise"]),
         ("load request not an object", ("POST", "/v2/repository/models/lin/load", {
-            "json": [1]}), 400, ["not valid JSON"]),
+            "json": [1]}), 400, ["must be a JSON object"]),
     ])
     # nothing above changed the deployment
     assert bad.live.registry.deployments.get("lin").spec.max_batch_size == 8
@@ -258,7 +258,7 @@ def test_nan_and_infinity_refused_unless_the_deployment_allows_them(bad):
 
 
 def test_oversized_bodies_are_413(make_server, tmp_path):
-    s = Served(make_server(jobs=False, max_upload_mb=0.01), tmp_path)  # 10 kB
+    s = Served(make_server(jobs=False, max_request_mb=0.01), tmp_path)  # 10 kB
     s.register("lin", linear_onnx(4, 3))
     s.deploy("lin", max_batch_size=8)
     big = np.zeros((4, 4), np.float32).tolist()

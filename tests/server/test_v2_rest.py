@@ -467,11 +467,19 @@ def test_repository_index_load_and_unload(served):
     served.triton.load_model("idx", headers=served.headers())
     assert served.live.registry.deployments.get("idx").spec.max_batch_size == 4
 
+    # unload keeps the deployment and its settings, as Triton does (issue 16)
     served.triton.unload_model("idx", headers=served.headers())
-    assert served.live.registry.deployments.list() == []
+    [kept] = served.live.registry.deployments.list()
+    assert (kept.name, kept.loaded, kept.spec.max_batch_size) == ("idx", False, 4)
     assert served.infer_json("idx", _x(1)).status_code == 404
-    assert served.http.post("/v2/repository/index", json={}).json()[0]["state"] == "UNAVAILABLE"
+    assert served.http.post("/v2/repository/index", json={}).json() == [
+        {"name": "idx", "version": "", "state": "UNAVAILABLE",
+         "reason": "unloaded (settings kept; load it to serve again)"}]
     assert served.http.get("/v2/health/ready").status_code == 200
+    served.triton.load_model("idx", headers=served.headers())
+    assert served.triton.get_model_config("idx", headers=served.headers())["max_batch_size"] == 4
+    assert served.live.registry.deployments.get("idx").loaded
+    assert _triton_infer(served, "idx", {"x": _x(4)}).as_numpy("y").shape == (4, 3)
 
 
 def test_load_of_an_unknown_model_is_4xx_and_the_server_stays_ready(lin):

@@ -19,7 +19,18 @@ class OptiserveError(Exception):
     def __init__(self, message: str, *, hint: str | None = None):
         self.message = message
         self.hint = hint
-        super().__init__(f"{message} {hint}" if hint else message)
+        super().__init__(sentences(message, hint) if hint else message)
+
+
+def sentences(*parts: str) -> str:
+    """Parts joined as sentences: one that does not end like a sentence (a command such as
+    `optiserve register NAME FILE`, a quoted value) gets a full stop before the next."""
+    out = ""
+    for part in (p.strip() for p in parts if p and p.strip()):
+        if out:
+            out += (" " if out[-1] in ".!?:;)" else ". ")
+        out += part
+    return out
 
 
 class ConfigError(OptiserveError):
@@ -130,6 +141,19 @@ class UnsupportedUpload(OptiserveError):
 
 class PayloadTooLarge(OptiserveError):
     """A request body over the server's limit."""
+
+
+class StorageFull(OptiserveError):
+    """The server's disk (or the database's) has no room for what a request must write."""
+
+    def __init__(self):
+        super().__init__("The server has no space left to store what this request writes.",
+                         hint="Free space on the server (OPTISERVE_HOME, the temp folder, the "
+                         "database), or ask its operator; GET /api/v1/health shows storage.")
+
+
+class BodyTimeout(OptiserveError):
+    """The client stopped sending its body (a slow-body attack, or a client that hung)."""
 
 
 class AuthError(OptiserveError):

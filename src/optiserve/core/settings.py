@@ -86,7 +86,35 @@ class Settings(BaseSettings):
     )
     max_upload_mb: float = Field(
         1024, gt=0, validation_alias="OPTISERVE_MAX_UPLOAD_MB",
-        description="Largest request body the server accepts (model uploads).",
+        description="Largest request body of the management API (model uploads).",
+    )
+    max_request_mb: float = Field(
+        64, gt=0, validation_alias="OPTISERVE_MAX_REQUEST_MB",
+        description="Largest inference request (/v2 REST after decompression, gRPC messages): "
+        "64 MB, as Triton's --http-max-input-size (64 MiB). Every request is held in memory "
+        "whole, so this bounds what one request can cost.",
+    )
+    max_json_mb: float = Field(
+        8, gt=0, validation_alias="OPTISERVE_MAX_JSON_MB",
+        description="Largest JSON part of a /v2 inference request. JSON is parsed holding "
+        "Python's lock, so this bounds how long one request can hold up every other "
+        "(about 40 ms for 8 MB of numbers); larger tensors go as binary data (the binary "
+        "tensor extension, or gRPC), which is read without parsing.",
+    )
+    max_inflate_ratio: float = Field(
+        100, ge=1, validation_alias="OPTISERVE_MAX_INFLATE_RATIO",
+        description="A gzip/deflate request body that inflates more than this many times its "
+        "size (once past 10 MB) is refused as a decompression bomb.",
+    )
+    min_free_mb: float = Field(
+        200, ge=0, validation_alias="OPTISERVE_MIN_FREE_MB",
+        description="Uploads are refused (507) and /api/v1/health says 'degraded' when the disk "
+        "of OPTISERVE_HOME has less free space than this.",
+    )
+    body_timeout_s: float = Field(
+        30, gt=0, validation_alias="OPTISERVE_BODY_TIMEOUT_S",
+        description="A request whose body stops arriving for this long is answered 408 and "
+        "its connection closed (a client that sends a byte a minute holds no connection).",
     )
     job_workers: int = Field(
         1, ge=1, le=64, validation_alias="OPTISERVE_JOB_WORKERS",
@@ -194,6 +222,11 @@ class Settings(BaseSettings):
             "OPTISERVE_AUTH": self.auth,
             "OPTISERVE_DATA_DIR": str(self.data_folder),
             "OPTISERVE_MAX_UPLOAD_MB": self.max_upload_mb,
+            "OPTISERVE_MAX_REQUEST_MB": self.max_request_mb,
+            "OPTISERVE_MAX_JSON_MB": self.max_json_mb,
+            "OPTISERVE_MAX_INFLATE_RATIO": self.max_inflate_ratio,
+            "OPTISERVE_BODY_TIMEOUT_S": self.body_timeout_s,
+            "OPTISERVE_MIN_FREE_MB": self.min_free_mb,
             "OPTISERVE_JOB_WORKERS": self.job_workers,
             "OPTISERVE_JOB_GRACE_S": self.job_grace_s,
             "OPTISERVE_JOB_STALE_S": self.job_stale_s,

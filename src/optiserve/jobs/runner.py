@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from optiserve.core.settings import Settings
+from optiserve.jobs import scratch
 from optiserve.optimizer.request import OptimizeRequest
 from optiserve.registry.registry import Registry
 from optiserve.registry.runs import this_process
@@ -54,6 +55,9 @@ class JobRunner:
         for run_id in self._reap():
             log.warning("optimization %s was interrupted (its owner is gone): marked failed",
                         run_id)
+        swept = scratch.sweep(self.settings.home, keep=set(self.runs.active()))
+        if swept:
+            log.info("removed the scratch folders of %d ended run(s)", len(swept))
         for i in range(self.workers):
             t = threading.Thread(target=self._loop, name=f"optiserve-job-{i}", daemon=True)
             t.start()
@@ -99,8 +103,17 @@ class JobRunner:
 
     def _supervise(self, run_id: str) -> None:
         limit_s = 60 * self.settings.optimization_max_time_minutes + self.settings.job_grace_s
-        env = {**os.environ, **self.settings.environment()}
-        with tempfile.TemporaryFile(mode="w+") as stderr:
+        # The job's temporary files, and its benchmark children's, go in its scratch folder
+        # (TMPDIR), removed below however the job ends: a kill leaves nothing in /tmp.
+        folder = scratch.make(self.settings.home, run_id)
+        env = {**os.environ, **self.settings.environment(), "TMPDIR": str(folder)}
+        try:
+            self._run_child(run_id, env, limit_s)
+        finally:
+            scratch.remove(folder)
+
+    def _run_child(self, run_id: str, env: dict, limit_s: float) -> None:
+        with tempfile.TemporaryFile(mode="w+", dir=env["TMPDIR"]) as stderr:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "optiserve.jobs.worker", run_id, str(os.getpid())],
                 env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,

@@ -21,7 +21,8 @@ from sqlalchemy.orm import sessionmaker
 
 from optiserve.core.errors import ConfigError, ModelNotFound, OptiserveError
 from optiserve.core.types import Signature, TensorSpec
-from optiserve.registry.tables import DeploymentRow, ModelRow, check_model_name, utcnow
+from optiserve.registry.tables import (DeploymentRow, ModelRow, check_model_name, lock_model,
+                                      utcnow)
 
 
 class DeploymentNotFound(OptiserveError):
@@ -286,11 +287,12 @@ class Deployment:
     spec: DeploymentSpec
     created_at: datetime | None
     updated_at: datetime | None
+    loaded: bool = True  # False: unloaded over the repository API, settings kept
 
 
 def _info(row: DeploymentRow) -> Deployment:
     return Deployment(row.name, DeploymentSpec.model_validate(row.spec), row.created_at,
-                      row.updated_at)
+                      row.updated_at, row.loaded is not False)
 
 
 class Deployments:
@@ -301,8 +303,7 @@ class Deployments:
         """Create or replace a deployment; its model must exist."""
         check_model_name(name)
         with self._session.begin() as s:
-            model = s.scalar(select(ModelRow).where(ModelRow.name == spec.model)
-                             .with_for_update())
+            model = lock_model(s, spec.model)  # a concurrent delete_model waits, or wins
             if model is None:
                 raise ModelNotFound(spec.model, known=s.scalars(select(ModelRow.name)).all())
             row = s.get(DeploymentRow, name)
@@ -310,7 +311,7 @@ class Deployments:
                 row = DeploymentRow(name=name, model_name=spec.model, created_at=utcnow())
                 s.add(row)
             row.model_name, row.spec = spec.model, spec.model_dump(mode="json")
-            row.updated_at = utcnow()
+            row.updated_at, row.loaded = utcnow(), True
             s.flush()
             return _info(row)
 
@@ -330,6 +331,16 @@ class Deployments:
         """Names of the deployments that serve `model` (inside the caller's transaction)."""
         return list(s.scalars(select(DeploymentRow.name)
                               .where(DeploymentRow.model_name == model)))
+
+    def mark_unloaded(self, name: str) -> Deployment:
+        """Remember that `name` is unloaded (servers starting do not load it); its settings
+        stay, and loading it again (`put`) marks it loaded."""
+        with self._session.begin() as s:
+            row = s.get(DeploymentRow, name)
+            if row is None:
+                raise DeploymentNotFound(name, s.scalars(select(DeploymentRow.name)).all())
+            row.loaded, row.updated_at = False, utcnow()
+            return _info(row)
 
     def remove(self, name: str) -> Deployment:
         with self._session.begin() as s:

@@ -8,6 +8,7 @@ written in one transaction; if the transaction fails, a file no other row uses i
 from __future__ import annotations
 
 import random
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,8 @@ from optiserve.registry.deployments import Deployments
 from optiserve.registry.store import ArtifactStore
 from optiserve.registry.keys import Keys
 from optiserve.registry.runs import Runs
-from optiserve.registry.tables import ArtifactRow, ModelRow, VersionRow, check_model_name
+from optiserve.registry.tables import (ArtifactRow, DeploymentRow, ModelRow, VersionRow,
+                                      check_model_name, lock_model)
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 _MIGRATE_LOCK = threading.Lock()  # alembic's context is process-global
@@ -130,29 +132,35 @@ class Registry:
         The stored file gets `suffix` (default: the path's own)."""
         check_model_name(name)
         suffix = suffix or Path(path).suffix or f".{format}"
-        uri, sha, size = self.store.put(path, suffix)
+        # The file goes in the model's own folder, so only this model's writers (serialized
+        # by lock_model) ever create or remove it.
+        stored = self.store.put(path, suffix, folder=name)
         try:
             for attempt in range(8):
                 try:
-                    return self._insert(name, uri, sha, size, framework, format, signature,
-                                        parent, passes or [], metrics or {}, meta or {}, status)
+                    return self._insert(name, path, suffix, stored, framework, format,
+                                        signature, parent, passes or [], metrics or {},
+                                        meta or {}, status)
                 except (IntegrityError, OperationalError):
                     # another writer took the same model name or version number: retry
                     if attempt == 7:
                         raise
                     time.sleep(0.02 * 2 ** attempt * (1 + random.random()))
         except BaseException:
-            with self._session() as s:
-                shared = s.scalar(select(func.count()).where(ArtifactRow.uri == uri))
-            if not shared:
-                self.store.delete(uri)
+            with self._session.begin() as s:
+                lock_model(s, name)
+                if not s.scalar(select(func.count()).where(ArtifactRow.uri == stored[0])):
+                    self.store.delete(stored[0])
             raise
         raise AssertionError("unreachable")
 
-    def _insert(self, name, uri, sha, size, framework, format, signature, parent, passes,
-                metrics, meta, status) -> VersionInfo:
+    def _insert(self, name, path, suffix, stored, framework, format, signature, parent,
+                passes, metrics, meta, status) -> VersionInfo:
+        uri, sha, size = stored
         with self._session.begin() as s:
-            model = s.scalar(select(ModelRow).where(ModelRow.name == name).with_for_update())
+            model = lock_model(s, name)
+            if not self.store.exists(uri):  # a delete of this model removed it meanwhile
+                self.store.put(path, suffix, folder=name)
             if model is None:
                 model = ModelRow(name=name)
                 s.add(model)
@@ -163,8 +171,10 @@ class Registry:
             if parent is not None:
                 parent_id = s.scalar(select(VersionRow.id).where(
                     VersionRow.model_id == model.id, VersionRow.version == parent))
-            art = ArtifactRow(id=f"{name}-v{number}", sha256=sha, size_bytes=size,
-                              format=format, uri=uri)
+            art_id = f"{name}-v{number}"
+            if s.get(ArtifactRow, art_id) is not None:  # a row left by an older optiserve's
+                art_id = f"{art_id}-{secrets.token_hex(3)}"  # delete race: never collide
+            art = ArtifactRow(id=art_id, sha256=sha, size_bytes=size, format=format, uri=uri)
             s.add(art)
             row = VersionRow(model_id=model.id, version=number, framework=framework,
                              artifact_id=art.id, signature=signature.model_dump(mode="json"),
@@ -257,7 +267,7 @@ class Registry:
                                 f"cancel {active[0]} (or DELETE /api/v1/inference/optimizations/"
                                 f"{active[0]}).")
         with self._session.begin() as s:
-            model = s.scalar(select(ModelRow).where(ModelRow.name == name).with_for_update())
+            model = lock_model(s, name)  # no version can be added until this commits
             if model is None:
                 raise ModelNotFound(name, known=s.scalars(select(ModelRow.name)).all())
             deployed = self.deployments.of_model(s, name)
@@ -272,11 +282,35 @@ class Registry:
             s.execute(delete(VersionRow).where(VersionRow.model_id == model.id))
             s.execute(delete(ArtifactRow).where(ArtifactRow.id.in_(arts)))
             s.execute(delete(ModelRow).where(ModelRow.id == model.id))
-        with self._session() as s:
+            # Files go while the lock is held (a version added right after must store its
+            # file again, not find it about to vanish), renamed aside until the commit: put
+            # back if it fails, so no row is ever left naming a missing file.
             still_used = set(s.scalars(select(ArtifactRow.uri).where(ArtifactRow.uri.in_(uris))))
-        for uri in uris - still_used:
-            self.store.delete(uri)
+            with self.store.removing(uris - still_used):
+                s.commit()
         return count
+
+    def problems(self) -> list[str]:
+        """What is inconsistent between the rows and the artifact files (empty: nothing):
+        artifact rows no version uses, files a row names but the store lacks, files in a
+        local store that no row names, deployments of a model that is gone. The hardening
+        tests and benchmarks/hardening.py run it after every race and kill."""
+        found = []
+        with self._session() as s:
+            used = set(s.scalars(select(VersionRow.artifact_id)))
+            arts = s.execute(select(ArtifactRow.id, ArtifactRow.uri)).all()
+            models = set(s.scalars(select(ModelRow.name)))
+            deployed = s.execute(select(DeploymentRow.name, DeploymentRow.model_name)).all()
+        found += [f"artifact row '{a}' is used by no version" for a, _ in arts if a not in used]
+        uris = {uri for _, uri in arts}
+        if self.store.local:
+            found += [f"artifact file of '{a}' is missing" for a, uri in arts
+                      if not Path(uri).exists()]
+            found += [f"file {p.name} in the artifact store is named by no row"
+                      for p in self.store.files() if str(p.resolve()) not in uris]
+        found += [f"deployment '{d}' serves model '{m}', which is gone"
+                  for d, m in deployed if m not in models]
+        return found
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

@@ -77,6 +77,11 @@ class Runs:
             return list(s.scalars(select(RunRow.id).where(
                 RunRow.model_name == model, RunRow.status.in_(ACTIVE))))
 
+    def active(self) -> list[str]:
+        """Ids of the runs queued or running, on any server."""
+        with self._session() as s:
+            return list(s.scalars(select(RunRow.id).where(RunRow.status.in_(ACTIVE))))
+
     # -- progress of a running run --------------------------------------------------------
     def progress(self, run_id: str, *, stage: str | None = None,
                  fraction: float | None = None, candidate: dict | None = None) -> None:

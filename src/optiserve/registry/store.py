@@ -11,6 +11,8 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 from optiserve.core.deps import require
@@ -33,23 +35,24 @@ class ArtifactStore:
 
     def __init__(self, location: str, cache_dir: Path):
         self.location = location
-        self._local = "://" not in location or location.startswith("file://")
+        self.local = "://" not in location or location.startswith("file://")
         self._cache = cache_dir  # remote artifacts are fetched here, checked by sha256
-        if self._local:
+        if self.local:
             self.root = Path(location.removeprefix("file://"))
             self.root.mkdir(parents=True, exist_ok=True)
         else:
             fsspec = require("fsspec", extra="s3", feature=f"Artifact store at {location}")
             self.fs, self.root_path = fsspec.core.url_to_fs(location)
 
-    def _key(self, sha: str, suffix: str) -> str:
-        return f"{sha[:2]}/{sha}{suffix}"
+    def _key(self, sha: str, suffix: str, folder: str) -> str:
+        return f"{folder or sha[:2]}/{sha}{suffix}"
 
-    def put(self, src: str | Path, suffix: str) -> tuple[str, str, int]:
-        """Store a file; returns (uri, sha256, size). Safe to call twice with the same bytes."""
+    def put(self, src: str | Path, suffix: str, folder: str = "") -> tuple[str, str, int]:
+        """Store a file in `folder` (default: by the first two hex digits of its hash);
+        returns (uri, sha256, size). Safe to call twice with the same bytes."""
         sha, size = sha256_file(src)
-        key = self._key(sha, suffix)
-        if self._local:
+        key = self._key(sha, suffix, folder)
+        if self.local:
             dest = self.root / key
             if not dest.exists():
                 dest.parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +72,7 @@ class ArtifactStore:
 
     def local_path(self, uri: str, sha: str) -> Path:
         """A local path holding the artifact (downloaded to a cache for remote stores)."""
-        if self._local:
+        if self.local:
             return Path(uri)
         target = self._cache / sha[:2] / (sha + Path(uri).suffix)
         if target.exists() and sha256_file(target)[0] == sha:
@@ -84,8 +87,38 @@ class ArtifactStore:
         os.replace(tmp, target)
         return target
 
+    def exists(self, uri: str) -> bool:
+        return Path(uri).exists() if self.local else self.fs.exists(uri.split("://", 1)[1])
+
+    @contextmanager
+    def removing(self, uris: Iterable[str]):
+        """Remove files when the block succeeds: each is renamed aside first, deleted after
+        the block, and renamed back if the block raises (a registry commit that failed)."""
+        aside = []
+        for uri in uris:
+            path = Path(uri) if self.local else uri.split("://", 1)[1]
+            gone = f"{path}.deleting"
+            try:
+                os.replace(path, gone) if self.local else self.fs.mv(path, gone)
+            except FileNotFoundError:
+                continue
+            aside.append((path, gone))
+        try:
+            yield
+        except BaseException:
+            for path, gone in aside:
+                os.replace(gone, path) if self.local else self.fs.mv(gone, path)
+            raise
+        for _, gone in aside:
+            Path(gone).unlink(missing_ok=True) if self.local else self.fs.rm_file(gone)
+
+    def files(self) -> list[Path]:
+        """Every file of a local store, temporary ones included (a half-written file would
+        show here)."""
+        return sorted(p for p in self.root.rglob("*") if p.is_file())
+
     def delete(self, uri: str) -> None:
-        if self._local:
+        if self.local:
             Path(uri).unlink(missing_ok=True)
         else:
             path = uri.split("://", 1)[1]

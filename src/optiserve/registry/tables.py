@@ -6,7 +6,7 @@ import re
 from datetime import datetime, timezone
 
 from sqlalchemy import (JSON, BigInteger, Boolean, Float, ForeignKey, Integer, String,
-                        UniqueConstraint, false)
+                        UniqueConstraint, false, select, true, update)
 from sqlalchemy.types import DateTime as _DateTime
 from sqlalchemy.types import TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -147,3 +147,14 @@ class DeploymentRow(Base):
     spec: Mapped[dict] = mapped_column(JSON, nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    loaded: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+
+
+def lock_model(s, name: str) -> ModelRow | None:
+    """The model row, locked until the caller's transaction ends, so that adding a version,
+    deleting the model and deploying it are serialized per model on every database.
+    PostgreSQL's SELECT ... FOR UPDATE locks the row; SQLite ignores FOR UPDATE, so a no-op
+    UPDATE first takes SQLite's write lock, which holds off every other writer until commit
+    (and still takes it when the model does not exist yet)."""
+    s.execute(update(ModelRow).where(ModelRow.name == name).values(name=ModelRow.name))
+    return s.scalar(select(ModelRow).where(ModelRow.name == name).with_for_update())

@@ -21,7 +21,7 @@ from optiserve.server.auth import KeyCache
 from optiserve.server.dataplane import DataPlane
 from optiserve.server.http import deployments, errors, management, predict
 from optiserve.server.http.v2 import OIPRest
-from optiserve.server.limits import BodyLimit
+from optiserve.server.limits import BodyLimit, Watchdog
 
 log = logging.getLogger("optiserve.server")
 
@@ -72,8 +72,10 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     app.include_router(management.router)
     app.include_router(deployments.router)
     app.include_router(predict.router)
-    app.add_middleware(BodyLimit, max_bytes=int(settings.max_upload_mb * 1e6))
-    app.add_middleware(OIPRest, plane=plane, keys=keys, settings=settings)
+    watchdog = Watchdog(settings.body_timeout_s)  # one sweep for every body being read
+    app.add_middleware(BodyLimit, max_bytes=int(settings.max_upload_mb * 1e6),
+                       watchdog=watchdog)
+    app.add_middleware(OIPRest, plane=plane, keys=keys, settings=settings, watchdog=watchdog)
     return app
 
 

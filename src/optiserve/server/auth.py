@@ -23,9 +23,12 @@ def scope(*any_of: str, cached: bool = False):
     def check(request: Request,
               bearer: HTTPAuthorizationCredentials | None = Security(_bearer),
               header: str | None = Security(_header)) -> APIKey | None:
+        # bearer/header declare the security schemes in the OpenAPI document; the token is
+        # read by token_of, the rule every face shares.
         if request.app.state.settings.auth == "off":
             return None
-        token = bearer.credentials if bearer else header
+        token = token_of((k.decode("latin-1"), v.decode("latin-1"))
+                         for k, v in request.headers.raw)
         keys = request.app.state.keys if cached else request.app.state.registry.keys
         return keys.verify(token, *any_of)
 
@@ -33,13 +36,14 @@ def scope(*any_of: str, cached: bool = False):
 
 
 def token_of(headers) -> str | None:
-    """The API key of a request's (name, value) header pairs, names in lower case:
-    `authorization: Bearer osk_...` (which wins) or `x-api-key`. Shared by the REST and
-    gRPC inference faces, which read headers without FastAPI."""
+    """The API key of a request's (name, value) header pairs, names in lower case. The one
+    rule of every face (/api/v1, /v2 REST, gRPC): the token of `Authorization: Bearer osk_...`
+    wins; without a Bearer token, `X-API-Key`. An Authorization header of another scheme
+    (Basic, Token: a proxy's own) is not read."""
     token = None
     for name, value in headers:
-        if name == "authorization":
-            return value[7:].strip() if value[:7].lower() == "bearer " else None
+        if name == "authorization" and value[:7].lower() == "bearer ":
+            return value[7:].strip()
         if name == "x-api-key":
             token = value
     return token

@@ -288,6 +288,11 @@ class DataPlane:
                 out.append({"name": name, "version": "", "state": state.state,
                             "reason": state.reason})
         deployed = set(self._states)
+        for d in await asyncio.to_thread(self.registry.deployments.list):
+            if d.name not in deployed:
+                deployed.add(d.name)
+                out.append({"name": d.name, "version": "", "state": "UNAVAILABLE",
+                            "reason": "unloaded (settings kept; load it to serve again)"})
         for model in await asyncio.to_thread(self.registry.models):
             if model.name not in deployed:
                 out.append({"name": model.name, "version": "", "state": "UNAVAILABLE",
@@ -299,6 +304,8 @@ class DataPlane:
         """Load every deployment in the registry (server start); failures are logged and
         shown in the repository index, the others still load."""
         for d in self.registry.deployments.list():
+            if not d.loaded:  # unloaded over the repository API: stays so until loaded
+                continue
             try:
                 await self.load(d)
             except OptiserveError as exc:
@@ -376,6 +383,14 @@ class DataPlane:
                 await self.unload(name)
             raise
         return served
+
+    async def unload_kept(self, name: str) -> None:
+        """Triton's repository unload: stop serving `name` here and remember that it is
+        unloaded, keeping its deployment and settings, so a load serves it again as it was
+        (and a restart does not load it). Removing it is `undeploy`."""
+        await asyncio.to_thread(self.registry.deployments.mark_unloaded, name)
+        if name in self._states:
+            await self.unload(name)
 
     async def undeploy(self, name: str) -> None:
         """Unload `name` here and remove its deployment, so its model can be deleted."""

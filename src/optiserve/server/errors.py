@@ -10,20 +10,25 @@ at `Exception`: our bug, 500 / INTERNAL.
 
 from __future__ import annotations
 
+import errno
+import logging
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from grpc import StatusCode
 
-from optiserve.core.errors import (ArtifactNotFound, AuthError, ConflictError, GateFailedError,
-                                   ModelNotFound, OptimizationTimeout, OptiserveError,
-                                   PayloadTooLarge, RunNotFound, ScopeError, UnsupportedUpload)
+from optiserve.core.errors import (ArtifactNotFound, AuthError, BodyTimeout, ConflictError,
+                                   GateFailedError, ModelNotFound, OptimizationTimeout,
+                                   OptiserveError, PayloadTooLarge, RunNotFound, ScopeError,
+                                   StorageFull, UnsupportedUpload)
 from optiserve.exporters.base import ExportError
 from optiserve.registry.deployments import DeploymentNotFound
 from optiserve.server.batching import ModelFailed, ModelUnavailable, QueueFull, RequestTimeout
 from optiserve.server.served import LoadFailed
 
 Headers = Callable[[BaseException], dict[str, str]]
+log = logging.getLogger("optiserve.server")
 
 
 class MethodNotAllowed(OptiserveError):
@@ -66,6 +71,7 @@ TABLE: dict[type[BaseException], Face] = {
     ScopeError: Face(403, _C.PERMISSION_DENIED),
     MethodNotAllowed: Face(405, _C.UNIMPLEMENTED, _allow),
     OptimizationTimeout: Face(408, _C.INVALID_ARGUMENT),  # a job's, never on gRPC
+    BodyTimeout: Face(408, _C.DEADLINE_EXCEEDED),  # REST only
     ConflictError: Face(409, _C.FAILED_PRECONDITION),
     PayloadTooLarge: Face(413, _C.INVALID_ARGUMENT),
     UnsupportedUpload: Face(415, _C.INVALID_ARGUMENT),
@@ -75,6 +81,7 @@ TABLE: dict[type[BaseException], Face] = {
     ModelFailed: Face(500, _C.INTERNAL),
     ModelUnavailable: Face(503, _C.UNAVAILABLE),
     RequestTimeout: Face(504, _C.DEADLINE_EXCEEDED),
+    StorageFull: Face(507, _C.RESOURCE_EXHAUSTED),
     Exception: Face(500, _C.INTERNAL),  # not ours to explain: logged by the face
 }
 
@@ -106,3 +113,27 @@ def error_headers(error: BaseException) -> dict[str, str]:
     error = _unwrap(error)
     row = face(error)
     return row.headers(error) if row.headers else {}
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def translated(exc: BaseException) -> BaseException:
+    """What a face answers for an exception that is not optiserve's: a full disk (an OSError,
+    or the database's "disk is full" wrapped by SQLAlchemy) is a StorageFull the operator can
+    act on; anything else stays as it is (our bug: `internal`)."""
+    for err in (exc, getattr(exc, "orig", None), exc.__cause__):
+        if isinstance(err, OSError) and err.errno in _FULL:
+            return StorageFull()
+        if err is not None and "database or disk is full" in str(err):
+            return StorageFull()
+    return exc
+
+
+def internal(exc: BaseException, where: str) -> str:
+    """Log an unexpected error under a short reference; the message the client gets names its
+    type and the reference, never its text (it may hold the server's paths or SQL)."""
+    ref = secrets.token_hex(4)
+    log.error("internal error %s on %s", ref, where, exc_info=exc)
+    return (f"Internal error ({type(exc).__name__}, reference {ref}); it is logged on the "
+            "server.")

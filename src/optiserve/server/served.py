@@ -17,7 +17,6 @@ from optiserve.server.metrics import Metrics, VersionStats
 from optiserve.server.tensors import TensorError, check_input, datatype, platform
 
 
-
 class LoadFailed(OptiserveError):
     """A deployment could not be loaded; what served before still serves. It answers as its
     `cause` does (an unknown model stays a 404 / NOT_FOUND)."""

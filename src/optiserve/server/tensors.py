@@ -27,6 +27,8 @@ DTYPES: dict[str, np.dtype] = {
 }
 _BY_KIND = {(d.kind, d.itemsize): name for name, d in DTYPES.items() if name != "BYTES"}
 MAX_ELEMENTS = 1 << 28  # a shape may not claim more than this (256 M elements)
+MAX_DIMS = 32  # numpy 1.x's limit; no model takes more (numpy 2 refuses past 64 with a 500)
+MAX_DEPTH = 64  # nesting of JSON `data` lists (a tensor of MAX_DIMS dims needs MAX_DIMS)
 
 
 class TensorError(OptiserveError):
@@ -52,27 +54,37 @@ def platform(format: str) -> str:
             "pytorch_libtorch", "skops": "sklearn", "pkl": "sklearn"}.get(format, format)
 
 
-def _shape(name: str, shape: object) -> tuple[int, ...]:
+def check_shape(name: str, shape: object) -> tuple[int, ...]:
+    """A tensor's shape as sent (REST JSON, REST binary, gRPC): a list of at most MAX_DIMS
+    non-negative integers claiming at most MAX_ELEMENTS elements."""
     if not isinstance(shape, (list, tuple)) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise TensorError(f"Input '{name}' has shape {shape!r}; a shape is a list of "
+        raise TensorError(f"Input '{name}' has shape {_shown(shape)}; a shape is a list of "
                           "non-negative integers, e.g. [1, 4].")
+    if len(shape) > MAX_DIMS:
+        raise TensorError(f"Input '{name}' has {len(shape)} dimensions; at most {MAX_DIMS} "
+                          "are accepted.")
     if math.prod(shape) > MAX_ELEMENTS:
         raise TensorError(f"Input '{name}' claims {math.prod(shape)} elements; at most "
                           f"{MAX_ELEMENTS} are accepted in one tensor.")
     return tuple(shape)
 
 
+def _shown(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _dtype(name: str, dt: object) -> np.dtype:
     if not isinstance(dt, str) or dt not in DTYPES:
-        raise TensorError(f"Input '{name}' has datatype {dt!r}.",
+        raise TensorError(f"Input '{name}' has datatype {_shown(dt)}.",
                           hint=f"Use one of: {', '.join(DTYPES)}.")
     return DTYPES[dt]
 
 
 def from_json(name: str, shape: object, dt: object, data: object) -> np.ndarray:
     """An input given as JSON `data` (flat or nested, row-major)."""
-    shape, dtype = _shape(name, shape), _dtype(name, dt)
+    shape, dtype = check_shape(name, shape), _dtype(name, dt)
     if not isinstance(data, list):
         data = [data]
     try:
@@ -108,17 +120,25 @@ def _exact(data: list, array: np.ndarray) -> bool:
         bool(((probe == 0) | (probe == 1)).all())
 
 
-def _flatten(data: Iterable) -> Iterable:
-    for x in data:
-        if isinstance(x, list):
-            yield from _flatten(x)
-        else:
+def _flatten(data: list) -> Iterable:
+    """The leaves of nested lists, row-major; without recursion, and refusing nesting deeper
+    than MAX_DEPTH (a hostile body nests thousands deep)."""
+    stack = [iter(data)]
+    while stack:
+        for x in stack[-1]:
+            if isinstance(x, list):
+                if len(stack) >= MAX_DEPTH:
+                    raise ValueError(f"lists nested more than {MAX_DEPTH} deep")
+                stack.append(iter(x))
+                break
             yield x
+        else:
+            stack.pop()
 
 
 def from_binary(name: str, shape: object, dt: object, raw: memoryview) -> np.ndarray:
     """An input given as raw little-endian bytes (binary extension, gRPC raw contents)."""
-    shape, dtype = _shape(name, shape), _dtype(name, dt)
+    shape, dtype = check_shape(name, shape), _dtype(name, dt)
     count = math.prod(shape)
     if dtype.kind == "O":
         items, pos = [], 0

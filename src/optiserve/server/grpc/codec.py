@@ -17,8 +17,8 @@ from google.protobuf import json_format
 
 from optiserve.core.errors import ConfigError
 from optiserve.server.grpc import inference_pb2 as pb
-from optiserve.server.tensors import (DTYPES, MAX_ELEMENTS, TensorError, datatype, from_binary,
-                                      to_bytes)
+from optiserve.server.tensors import (DTYPES, TensorError, check_shape, datatype,
+                                      from_binary, to_bytes)
 
 # V2 datatype -> (field of InferTensorContents, the dtype that field carries on the wire)
 _CONTENTS: dict[str, tuple[str, np.dtype]] = {
@@ -75,7 +75,7 @@ def from_contents(name: str, shape: list[int], dt: str,
                   contents: pb.InferTensorContents) -> np.ndarray:
     """An input given as typed InferTensorContents: the field of its datatype, row-major,
     exactly as many elements as its shape, each in its datatype's range."""
-    count = _count(name, shape)
+    count = math.prod(check_shape(name, shape))
     if dt not in DTYPES:
         raise TensorError(f"Input '{name}' has datatype {dt!r}.",
                           hint=f"Use one of: {', '.join(DTYPES)}.")
@@ -105,15 +105,6 @@ def from_contents(name: str, shape: list[int], dt: str,
     return array.astype(target, copy=False).reshape(shape)
 
 
-def _count(name: str, shape: list[int]) -> int:
-    if any(d < 0 for d in shape):
-        raise TensorError(f"Input '{name}' has shape {shape}; a shape is a list of "
-                          "non-negative integers, e.g. [1, 4].")
-    count = math.prod(shape)
-    if count > MAX_ELEMENTS:
-        raise TensorError(f"Input '{name}' claims {count} elements; at most {MAX_ELEMENTS} "
-                          "are accepted in one tensor.")
-    return count
 
 
 def requested_outputs(request: pb.ModelInferRequest) -> list[str]:

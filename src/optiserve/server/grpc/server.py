@@ -15,10 +15,10 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from optiserve.core.errors import ConfigError, OptiserveError, first_line
+from optiserve.core.errors import ConfigError, OptiserveError
 from optiserve.server.auth import token_of
 from optiserve.server.dataplane import InferRequest, Payload
-from optiserve.server.errors import error_headers, face
+from optiserve.server.errors import error_headers, face, internal, translated
 from optiserve.server.grpc import codec
 from optiserve.server.grpc import inference_pb2 as pb
 from optiserve.server.grpc.inference_pb2_grpc import (GRPCInferenceServiceServicer,
@@ -37,14 +37,13 @@ def _answers_errors(method: Callable[..., Awaitable]) -> Callable[..., Awaitable
     async def handler(self, request, context: grpc.aio.ServicerContext):
         try:
             return await method(self, request, context)
-        except OptiserveError as exc:
-            trailing = tuple((k.lower(), v) for k, v in error_headers(exc).items())
-            await context.abort(face(exc).grpc, str(exc), trailing_metadata=trailing)
-        except Exception as exc:  # our bug: logged, answered INTERNAL, the server goes on
-            log.exception("unhandled error in gRPC %s", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL,
-                                f"Internal error ({type(exc).__name__}: {first_line(exc, 200)}); "
-                                "it is logged on the server.")
+        except Exception as exc:  # a full disk is said; our bug is logged, answered INTERNAL
+            known = exc if isinstance(exc, OptiserveError) else translated(exc)
+            if not isinstance(known, OptiserveError):
+                await context.abort(grpc.StatusCode.INTERNAL,
+                                    internal(exc, f"gRPC {method.__name__}"))
+            trailing = tuple((k.lower(), v) for k, v in error_headers(known).items())
+            await context.abort(face(known).grpc, str(known), trailing_metadata=trailing)
 
     return handler
 
@@ -116,7 +115,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
     @_answers_errors
     async def RepositoryModelUnload(self, request, context):
         self._auth(context, "models:write")
-        await self.plane.undeploy(request.model_name)
+        await self.plane.unload_kept(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
     # -- inference --------------------------------------------------------------------------------
@@ -145,8 +144,8 @@ class InferenceServicer(GRPCInferenceServiceServicer):
 
 async def start_grpc(plane, keys, settings, *, host: str) -> grpc.aio.Server:
     """A started grpc.aio server for `plane` on host:settings.grpc_port, on the running event
-    loop. Messages may be as large as HTTP bodies (OPTISERVE_MAX_UPLOAD_MB)."""
-    limit = min(int(settings.max_upload_mb * 1e6), _MAX_MESSAGE)
+    loop. Messages may be as large as REST inference bodies (OPTISERVE_MAX_REQUEST_MB)."""
+    limit = min(int(settings.max_request_mb * 1e6), _MAX_MESSAGE)
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),

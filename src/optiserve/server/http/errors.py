@@ -7,8 +7,6 @@ headers, e.g. Retry-After, WWW-Authenticate); request validation becomes 400
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -16,9 +14,7 @@ from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException
 
 from optiserve.core.errors import OptiserveError, first_line
-from optiserve.server.errors import error_headers, http_status
-
-log = logging.getLogger("optiserve.server")
+from optiserve.server.errors import error_headers, http_status, internal, translated
 
 
 def error_response(code: int, message: str, *, headers: dict[str, str] | None = None,
@@ -55,7 +51,10 @@ async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
                           details=details)
 
 
-async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+    known = translated(exc)  # FastAPI's 400 for a body it could not store on a full disk
+    if isinstance(known, OptiserveError):
+        return await _optiserve(request, known)
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     if exc.status_code == 404 and message == "Not Found":
         message = "No such endpoint. See /docs for the API."
@@ -71,9 +70,10 @@ async def _data(_: Request, exc: DataError) -> JSONResponse:
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(500, f"Internal error ({type(exc).__name__}: {first_line(exc, 200)}); "
-                          "it is logged on the server.")
+    known = translated(exc)
+    if isinstance(known, OptiserveError):
+        return await _optiserve(request, known)
+    return error_response(500, internal(exc, f"{request.method} {request.url.path}"))
 
 
 def install(app: FastAPI) -> None:

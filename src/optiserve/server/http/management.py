@@ -19,7 +19,6 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import text
 
 import optiserve
 from optiserve import api
@@ -34,6 +33,7 @@ from optiserve.registry.registry import Registry, VersionInfo
 from optiserve.registry.runs import TERMINAL
 from optiserve.server.auth import scope
 from optiserve.server.errors import http_status
+from optiserve.server.health import report, require_space
 from optiserve.server.http.errors import error_response
 
 router = APIRouter(prefix="/api/v1")
@@ -125,17 +125,13 @@ def job_json(run: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- service ------------------------------------------------------------------------------
-@router.get("/health", tags=["service"], summary="Liveness and database reachability (no key)")
+@router.get("/health", tags=["service"],
+            summary="Liveness, database reachability and storage (no key)")
 def health(request: Request, registry: Reg):
-    try:
-        with registry.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except Exception as exc:
-        return error_response(503, f"The registry database is unreachable: {type(exc).__name__}",
-                              status="unavailable")
     runner = request.app.state.runner
-    return {"status": "ok", "database": registry.engine.dialect.name,
-            "job_workers": runner.workers if runner else 0}
+    status, body = report(registry, request.app.state.settings,
+                          runner.workers if runner else 0)
+    return body if status == 200 else error_response(status, body.pop("error"), **body)
 
 
 @router.get("/version", tags=["service"], dependencies=[Depends(scope("read"))])
@@ -159,6 +155,7 @@ def register_model(
     label_column: str | None = Form(None, description="Column holding this model's labels "
                                     "in validation data."),
 ):
+    require_space(registry.settings.home, registry.settings.min_free_mb)
     with tempfile.TemporaryDirectory(prefix="optiserve-upload-") as tmp:
         suffix = Path(file.filename or "").suffix.lower()
         path = Path(tmp) / f"upload{suffix if suffix in EXT_FORMAT else ''}"

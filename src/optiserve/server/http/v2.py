@@ -9,18 +9,19 @@ Errors have the same `{"error": "..."}` shape and statuses as the rest of the se
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
-import zlib
 
 import orjson
 
-from optiserve.core.errors import OptiserveError, first_line
+from optiserve.core.errors import OptiserveError, PayloadTooLarge
 from optiserve.server.auth import token_of
 from optiserve.server.dataplane import InferRequest, InferResponse, Payload
-from optiserve.server.errors import MethodNotAllowed, error_headers, http_status
-from optiserve.server.limits import too_large
+from optiserve.server.errors import (MethodNotAllowed, error_headers, http_status, internal,
+                                     translated)
+from optiserve.server.limits import BodyRules, Watchdog, read_body
 from optiserve.server.tensors import (TensorError, datatype, from_binary, from_json, json_data,
                                      to_bytes)
 
@@ -31,15 +32,20 @@ _MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/c
 _REPO = re.compile(r"^/v2/repository/models/([^/]+)/(load|unload)$")
 _JSON = [(b"content-type", b"application/json")]
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
+_BIG = 1 << 20  # bodies from this size are parsed in a thread
 
 
 class OIPRest:
     """Pure ASGI middleware: serves /v2 and /metrics, passes the rest to `app`."""
 
-    def __init__(self, app, *, plane, keys, settings):
+    def __init__(self, app, *, plane, keys, settings, watchdog: Watchdog):
         self.app, self.plane, self.keys = app, plane, keys
         self.auth = settings.auth == "on"
-        self.max_bytes = int(settings.max_upload_mb * 1e6)
+        self.infer_body = BodyRules(int(settings.max_request_mb * 1e6),
+                                    max_ratio=settings.max_inflate_ratio)
+        self.small_body = BodyRules(1_000_000, setting=None)  # repository requests
+        self.watchdog = watchdog
+        self.max_json = int(settings.max_json_mb * 1e6)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -52,12 +58,16 @@ class OIPRest:
             status, body, headers = await self._route(scope, receive, path, started)
         except OptiserveError as exc:
             status, body, headers = _refusal(exc)
-        except Exception as exc:  # our bug: logged, answered as 500, the server goes on
-            log.exception("unhandled error on %s %s", scope["method"], path)
-            status, headers = 500, list(_JSON)
-            body = orjson.dumps({"error": f"Internal error ({type(exc).__name__}: "
-                                 f"{first_line(exc, 200)}); it is logged on the server."})
+        except Exception as exc:  # a full disk is said; our bug is logged, answered 500
+            known = translated(exc)
+            if isinstance(known, OptiserveError):
+                status, body, headers = _refusal(known)
+            else:
+                status, headers = 500, list(_JSON)
+                body = orjson.dumps({"error": internal(exc, f"{scope['method']} {path}")})
         headers.append((b"content-length", str(len(body)).encode()))
+        if status in (408, 413):  # the body was not read to its end: the connection goes
+            headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
@@ -103,16 +113,17 @@ class OIPRest:
         if path == "/v2/repository/index":
             self._method(method, "POST")
             self._auth(scope, "read")
-            query = orjson.loads(await self._body(scope, receive) or b"{}")
+            body = await read_body(scope, receive, self.small_body, self.watchdog)
+            query = _json_body(body, "The index request", '{"ready": true}')
             index = await self.plane.index()
-            if isinstance(query, dict) and query.get("ready"):
+            if query.get("ready"):
                 index = [e for e in index if e["state"] == "READY"]
             return self._json(index)
         m = _REPO.match(path)
         if m:
             self._method(method, "POST")
             self._auth(scope, "models:write")
-            body = await self._body(scope, receive)
+            body = await read_body(scope, receive, self.small_body, self.watchdog)
             return await self._repository(m.group(1), m.group(2), body)
         if path in ("/v2", "/v2/"):
             self._method(method, "GET")
@@ -135,47 +146,19 @@ class OIPRest:
             self.keys.verify(token_of((k.decode("latin-1"), v.decode("latin-1"))
                                       for k, v in scope["headers"]), *any_of)
 
-    async def _body(self, scope, receive) -> bytes:
-        chunks, size = [], 0
-        for k, v in scope["headers"]:
-            if k == b"content-length" and v.isdigit() and int(v) > self.max_bytes:
-                raise too_large(self.max_bytes)
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise OptiserveError("The client left before the body arrived.")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                raise too_large(self.max_bytes)
-            chunks.append(chunk)
-            if not message.get("more_body"):
-                break
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        encoding = _header(scope, b"content-encoding")
-        if encoding in (b"gzip", b"deflate"):
-            try:
-                d = zlib.decompressobj(wbits=31 if encoding == b"gzip" else 15)
-                body = d.decompress(body, self.max_bytes + 1)
-            except zlib.error as exc:
-                raise OptiserveError(f"The {encoding.decode()} body does not "
-                                     f"decompress ({exc}).") from None
-            if len(body) > self.max_bytes:
-                raise too_large(self.max_bytes)
-        return body
-
     async def _repository(self, name: str, action: str, body: bytes):
         if action == "unload":
-            await self.plane.undeploy(name)
+            await self.plane.unload_kept(name)
             return self._json({})
-        try:
-            request = orjson.loads(body or b"{}")
-            config = (request.get("parameters") or {}).get("config") or "{}"
-            overrides = orjson.loads(config) if isinstance(config, str) else config
-        except (orjson.JSONDecodeError, AttributeError) as exc:
-            raise OptiserveError(f"The load request is not valid JSON ({exc}); send "
-                                 "{\"parameters\": {\"config\": \"{...deployment settings...}\"}}."
-                                 ) from None
+        hint = '{"parameters": {"config": "{...deployment settings...}"}}'
+        request = _json_body(body, "The load request", hint)
+        params = request.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise OptiserveError("The load request's 'parameters' must be a JSON object.",
+                                 hint=f"Send {hint}.")
+        config = params.get("config") or "{}"
+        overrides = _json_body(config.encode(), "parameters.config", hint) \
+            if isinstance(config, str) else config
         if not isinstance(overrides, dict):
             raise OptiserveError("parameters.config must be a JSON object of "
                                  "deployment settings (max_batch_size, instances, ...).")
@@ -186,17 +169,19 @@ class OIPRest:
     async def _infer(self, scope, receive, name: str, version: str | None, started: float):
         """Decode for the data plane, encode its answer; it counts the request."""
         try:
-            body, unread = await self._body(scope, receive), None
+            body = await read_body(scope, receive, self.infer_body, self.watchdog)
+            # A large body is parsed in a thread, so the loop answers between its steps.
+            parsed = _decode(scope, body, self.max_json) if len(body) < _BIG else \
+                await asyncio.to_thread(_decode, scope, body, self.max_json)
         except OptiserveError as exc:  # raised by decode: counted under the version too
-            body, unread = b"", exc
+            parsed = exc
         wanted: list[tuple[str, bool]] = []
         binary = [False]
 
         def decode(_served) -> Payload:  # in infer: a mistake counts under its version
-            if unread is not None:
-                raise unread
-            request, raw = _split(scope, body)
-            inputs, asked, binary[0], timeout_s = _parse(request, raw)
+            if isinstance(parsed, OptiserveError):
+                raise parsed
+            request, inputs, asked, binary[0], timeout_s = parsed
             wanted.extend(asked)
             return Payload(inputs, [w[0] for w in asked] or None, timeout_s,
                            request.get("id") if "id" in request else None)
@@ -212,6 +197,18 @@ def _refusal(exc: OptiserveError) -> tuple[int, bytes, list]:
     return http_status(exc), orjson.dumps({"error": str(exc)}), _JSON + extra
 
 
+def _json_body(body: bytes, what: str, example: str) -> dict:
+    """A small JSON-object body (repository requests); empty means {}."""
+    try:
+        value = orjson.loads(body or b"{}")
+    except orjson.JSONDecodeError as exc:
+        raise OptiserveError(f"{what} is not valid JSON ({exc}).",
+                             hint=f"Send a JSON object, e.g. {example}.") from None
+    if not isinstance(value, dict):
+        raise OptiserveError(f"{what} must be a JSON object, e.g. {example}.")
+    return value
+
+
 def _header(scope, key: bytes) -> bytes | None:
     for k, v in scope["headers"]:
         if k == key:
@@ -219,7 +216,12 @@ def _header(scope, key: bytes) -> bytes | None:
     return None
 
 
-def _split(scope, body: bytes) -> tuple[dict, memoryview]:
+def _decode(scope, body: bytes, max_json: int) -> tuple:
+    request, raw = _split(scope, body, max_json)
+    return (request, *_parse(request, raw))
+
+
+def _split(scope, body: bytes, max_json: int) -> tuple[dict, memoryview]:
     """The JSON request and, with the binary extension, the raw bytes after it."""
     length = _header(scope, _HEADER_LENGTH)
     if length is not None:
@@ -232,6 +234,13 @@ def _split(scope, body: bytes) -> tuple[dict, memoryview]:
         header, raw = body[:n], memoryview(body)[n:]
     else:
         header, raw = body, memoryview(b"")
+    if len(header) > max_json:
+        raise PayloadTooLarge(
+            f"The request's JSON is {len(header) / 1e6:.1f} MB; at most {max_json / 1e6:g} MB "
+            "of JSON is parsed in one request.",
+            hint="Send large tensors as binary data (Triton's binary tensor extension: "
+            "tritonclient's binary_data=True, or gRPC), or raise OPTISERVE_MAX_JSON_MB on "
+            "the server.")
     try:
         request = orjson.loads(header)
     except orjson.JSONDecodeError as exc:
@@ -283,7 +292,10 @@ def _parse(request: dict, raw: memoryview):
                           hint="Set binary_data_size on each binary input.")
     default_binary = bool(params.get("binary_data_output", False))
     wanted = []
-    for entry in request.get("outputs") or ():
+    outputs = request.get("outputs") or []
+    if not isinstance(outputs, list):
+        raise TensorError("The request's 'outputs' must be a list of {\"name\": ...} objects.")
+    for entry in outputs:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise TensorError("Each requested output must be an object with a 'name'.")
         oparams = entry.get("parameters") or {}
