@@ -104,6 +104,23 @@ def test_keras_file_registers_and_runs_in_tensorflow(sqlite_registry, tmp_path, 
 
 
 @pytest.mark.slow
+def test_sequential_with_an_input_registers_and_runs(sqlite_registry, tmp_path):
+    """Issue 16: a Sequential saved with keras.Input failed with AttributeError (a reloaded
+    Sequential has `outputs`, not `output`)."""
+    keras.utils.set_random_seed(3)
+    seq = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, activation="relu"),
+                            keras.layers.Dense(2)])
+    seq.save(tmp_path / "seq.keras")
+    v = optiserve.register("seq", tmp_path / "seq.keras", registry=sqlite_registry)
+    assert [t.shape for t in v.signature.inputs] == [(-1, 6)]
+    assert [_spec(t) for t in v.signature.outputs] == [("output", "float32", (-1, 2))]
+    x = _rows(5, 6)
+    [name] = [t.name for t in v.signature.inputs]
+    out, _ = _run(sqlite_registry.path(v), v.signature, v.format, {name: x})
+    np.testing.assert_allclose(out["output"], seq.predict(x, verbose=0), atol=1e-6)
+
+
+@pytest.mark.slow
 def test_savedmodel_folder_and_zip_register_the_same_model(sqlite_registry, tmp_path, dense):
     dense.export(str(tmp_path / "sm"), verbose=False)
     v1 = optiserve.register("sm", tmp_path / "sm", registry=sqlite_registry)

@@ -219,8 +219,12 @@ def keras_signature(model: Any, path: Path) -> Signature:
     specs = tuple(TensorSpec(name=t.name, dtype=_dtype_name(t.dtype),
                              shape=(-1, *_dims(t.shape[1:]))) for t in inputs)
     outs = list(model.outputs)
-    names = (keras.tree.flatten({k: k for k in model.output})
-             if isinstance(model.output, dict) else output_names(len(outs)))
+    try:  # a reloaded Sequential has `outputs` only: its `output` raises AttributeError
+        structure = model.output
+    except (AttributeError, ValueError):
+        structure = None
+    names = (keras.tree.flatten({k: k for k in structure})
+             if isinstance(structure, dict) else output_names(len(outs)))
     out_specs = tuple(TensorSpec(name=n, dtype=_dtype_name(t.dtype),
                                  shape=(-1, *_dims(t.shape[1:]))) for n, t in zip(names, outs))
     return Signature(inputs=specs, outputs=out_specs)
