@@ -102,7 +102,8 @@ def test_rest_and_grpc_over_tls(make_server, tmp_path, pki):
                                  root_certificates=str(pki["ca"]))
     i = tg.InferInput("x", [2, 4], "FP32")
     i.set_data_from_numpy(x)
-    np.testing.assert_allclose(t.infer("lin", [i], headers=auth).as_numpy("y"),
+    grpc_auth = {"authorization": auth["Authorization"]}  # gRPC metadata keys are lower case
+    np.testing.assert_allclose(t.infer("lin", [i], headers=grpc_auth).as_numpy("y"),
                                run_onnx(path, {"x": x})[0], rtol=1e-5, atol=1e-6)
     t.close()
 

@@ -381,15 +381,28 @@ def serve(host: str = typer.Option("127.0.0.1", help="Address to listen on."),
           jobs: bool = typer.Option(True, help="Run optimization jobs in this server too."),
           access_log: bool = typer.Option(False, help="Log every request (the /metrics "
                                           "counters cover it; the log costs throughput)."),
-          log_level: str = typer.Option("info", help="uvicorn log level.")):
+          log_level: str = typer.Option("info", help="uvicorn log level."),
+          tls_cert: Optional[Path] = typer.Option(
+              None, help="PEM certificate: REST and gRPC speak TLS (OPTISERVE_TLS_CERT)."),
+          tls_key: Optional[Path] = typer.Option(
+              None, help="PEM private key of --tls-cert (OPTISERVE_TLS_KEY)."),
+          tls_client_ca: Optional[Path] = typer.Option(
+              None, help="PEM CA bundle: clients must present a certificate it signed "
+              "(mutual TLS; OPTISERVE_TLS_CLIENT_CA)."),
+          insecure: bool = typer.Option(
+              False, help="Take API keys over plain HTTP on a non-loopback --host (a proxy in "
+              "front terminates TLS; OPTISERVE_INSECURE).")):
     """Run the server: inference (Open Inference Protocol over REST and gRPC) for every
     deployment, the management REST API (OpenAPI at /docs), metrics, optimization jobs."""
     import uvicorn
 
     from optiserve.core.settings import load_settings
+    from optiserve.server import tls
     from optiserve.server.app import create_app
 
-    settings = load_settings(**({} if grpc_port is None else {"grpc_port": grpc_port}))
+    given = {"grpc_port": grpc_port, "tls_cert": tls_cert, "tls_key": tls_key,
+             "tls_client_ca": tls_client_ca, "insecure": insecure or None}
+    settings = load_settings(**{k: v for k, v in given.items() if v is not None})
     _log_to_terminal(log_level)
     if settings.auth == "off":
         loopback = host in ("127.0.0.1", "localhost", "::1")
@@ -398,7 +411,8 @@ def serve(host: str = typer.Option("127.0.0.1", help="Address to listen on."),
                   + ("" if loopback else f" and the server listens on {host}, so anyone who "
                      "can reach it can upload models and run jobs") + ".[/]")
     uvicorn.run(create_app(settings, jobs=jobs, host=host, port=port), host=host, port=port,
-                log_level=log_level, access_log=access_log, http="httptools", loop="uvloop")
+                log_level=log_level, access_log=access_log, http="httptools", loop="uvloop",
+                **tls.uvicorn_options(settings))
 
 
 def _log_to_terminal(level: str) -> None:

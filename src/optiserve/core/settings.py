@@ -132,6 +132,25 @@ class Settings(BaseSettings):
         "this long is marked failed; at least 15 s.",
     )
 
+    tls_cert: Path | None = Field(
+        None, validation_alias="OPTISERVE_TLS_CERT",
+        description="PEM certificate (chain) of the server: REST and gRPC speak TLS with it "
+        "(`serve --tls-cert`); needs OPTISERVE_TLS_KEY.",
+    )
+    tls_key: Path | None = Field(
+        None, validation_alias="OPTISERVE_TLS_KEY",
+        description="PEM private key of OPTISERVE_TLS_CERT.",
+    )
+    tls_client_ca: Path | None = Field(
+        None, validation_alias="OPTISERVE_TLS_CLIENT_CA",
+        description="PEM CA bundle: when set, every client must present a certificate it "
+        "signed (mutual TLS), on REST and gRPC.",
+    )
+    insecure: bool = Field(
+        False, validation_alias="OPTISERVE_INSECURE",
+        description="Allow API keys over plain HTTP on a non-loopback address (behind a proxy "
+        "that terminates TLS); without it such a server refuses to start.",
+    )
     grpc_port: int = Field(
         8001, ge=0, le=65535, validation_alias="OPTISERVE_GRPC_PORT",
         description="Port of the Open Inference Protocol gRPC service (on the same host as "
@@ -231,6 +250,10 @@ class Settings(BaseSettings):
             "OPTISERVE_JOB_GRACE_S": self.job_grace_s,
             "OPTISERVE_JOB_STALE_S": self.job_stale_s,
             "OPTISERVE_GRPC_PORT": self.grpc_port,
+            "OPTISERVE_TLS_CERT": str(self.tls_cert or ""),
+            "OPTISERVE_TLS_KEY": str(self.tls_key or ""),
+            "OPTISERVE_TLS_CLIENT_CA": str(self.tls_client_ca or ""),
+            "OPTISERVE_INSECURE": self.insecure,
         }
         for name, url in self.data_sources().items():
             out[f"{DATA_SOURCE_PREFIX}{name.upper()}"] = _hide_password(url)

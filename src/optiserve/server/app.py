@@ -17,6 +17,7 @@ import optiserve
 from optiserve.core.settings import Settings, load_settings
 from optiserve.jobs.runner import JobRunner
 from optiserve.registry.registry import Registry
+from optiserve.server import tls
 from optiserve.server.auth import KeyCache
 from optiserve.server.dataplane import DataPlane
 from optiserve.server.http import deployments, errors, management, predict
@@ -32,6 +33,7 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     replica, or a test that only needs the routes). gRPC listens on `host`:grpc_port; `port`
     (HTTP, where uvicorn listens) only goes into the "ready" log line."""
     settings = settings or load_settings()
+    tls.check(settings, host)  # before anything starts: whole TLS settings, no keys in clear
     registry = registry or Registry(settings)
     plane = DataPlane(registry)
     keys = KeyCache(registry.keys)
@@ -111,8 +113,9 @@ def serve_in_thread(app: FastAPI, *, host: str = "127.0.0.1",
     with socket.socket() as s:
         s.bind((host, 0))
         port = s.getsockname()[1]
+    options = tls.uvicorn_options(app.state.settings)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                           access_log=False, lifespan="on"))
+                                           access_log=False, lifespan="on", **options))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -121,7 +124,7 @@ def serve_in_thread(app: FastAPI, *, host: str = "127.0.0.1",
             raise RuntimeError("the server did not start (see its log above)")
         time.sleep(0.02)
     try:
-        yield f"http://{host}:{port}"
+        yield f"{'https' if options else 'http'}://{host}:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=30)

@@ -19,6 +19,7 @@ from optiserve.core.errors import ConfigError, OptiserveError
 from optiserve.server.auth import token_of
 from optiserve.server.dataplane import InferRequest, Payload
 from optiserve.server.errors import error_headers, face, internal, translated
+from optiserve.server import tls
 from optiserve.server.grpc import codec
 from optiserve.server.grpc import inference_pb2 as pb
 from optiserve.server.grpc.inference_pb2_grpc import (GRPCInferenceServiceServicer,
@@ -155,8 +156,10 @@ async def start_grpc(plane, keys, settings, *, host: str) -> grpc.aio.Server:
     add_GRPCInferenceServiceServicer_to_server(
         InferenceServicer(plane, keys, settings), server)
     address = f"[{host}]:{settings.grpc_port}" if ":" in host else f"{host}:{settings.grpc_port}"
+    credentials = tls.grpc_credentials(settings)
     try:
-        bound = server.add_insecure_port(address)
+        bound = (server.add_secure_port(address, credentials) if credentials
+                 else server.add_insecure_port(address))
     except RuntimeError:  # grpcio raises where older versions returned 0
         bound = 0
     if not bound:
@@ -166,7 +169,8 @@ async def start_grpc(plane, keys, settings, *, host: str) -> grpc.aio.Server:
                           hint="Choose another port with OPTISERVE_GRPC_PORT or `optiserve "
                           "serve --grpc-port PORT` (0 turns gRPC off).")
     await server.start()
-    log.info("Open Inference Protocol over gRPC on %s", address)
+    log.info("Open Inference Protocol over gRPC%s on %s", " (TLS)" if credentials else "",
+             address)
     return server
 
 
