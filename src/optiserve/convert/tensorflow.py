@@ -219,10 +219,7 @@ def keras_signature(model: Any, path: Path) -> Signature:
     specs = tuple(TensorSpec(name=t.name, dtype=_dtype_name(t.dtype),
                              shape=(-1, *_dims(t.shape[1:]))) for t in inputs)
     outs = list(model.outputs)
-    try:  # a reloaded Sequential has `outputs` only: its `output` raises AttributeError
-        structure = model.output
-    except (AttributeError, ValueError):
-        structure = None
+    structure = _declared(model, "output")
     names = (keras.tree.flatten({k: k for k in structure})
              if isinstance(structure, dict) else output_names(len(outs)))
     out_specs = tuple(TensorSpec(name=n, dtype=_dtype_name(t.dtype),
@@ -315,6 +312,15 @@ def import_keras_object(obj: Any, workdir: Path) -> Imported:
     return import_keras_file(path)
 
 
+def _declared(model: Any, what: str) -> Any:
+    """The model's `input` / `output` structure (a tensor, list or dict), or None: a reloaded
+    Sequential has only `inputs` / `outputs`, and asking it raises AttributeError."""
+    try:
+        return getattr(model, what)
+    except (AttributeError, ValueError):
+        return None
+
+
 # -- calling ------------------------------------------------------------------------------------
 def keras_caller(model: Any, signature: Signature):
     """f(tensors in signature order) -> {output name: tensor}, calling the model as Keras does
@@ -323,8 +329,11 @@ def keras_caller(model: Any, signature: Signature):
     keras = _keras("Running a Keras model")
     names = [o.name for o in signature.outputs]
 
+    structure = _declared(model, "input")
+
     def call(*tensors):
-        packed = keras.tree.pack_sequence_as(model.input, list(tensors))
+        packed = (keras.tree.pack_sequence_as(structure, list(tensors)) if structure is not None
+                  else tensors[0] if len(tensors) == 1 else list(tensors))
         return dict(zip(names, keras.tree.flatten(model(packed, training=False))))
 
     return call
