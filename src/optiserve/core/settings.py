@@ -98,7 +98,8 @@ class Settings(BaseSettings):
         8, gt=0, validation_alias="OPTISERVE_MAX_JSON_MB",
         description="Largest JSON part of a /v2 inference request. JSON is parsed holding "
         "Python's lock, so this bounds how long one request can hold up every other "
-        "(about 40 ms for 8 MB of numbers); larger tensors go as binary data (the binary "
+        "(measured: 15.7 MB of float32 JSON, 49 ms to parse and 18 ms to an array); larger "
+        "tensors go as binary data (the binary "
         "tensor extension, or gRPC), which is read without parsing.",
     )
     max_inflate_ratio: float = Field(
